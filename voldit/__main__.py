@@ -1,0 +1,5 @@
+import sys
+
+from voldit.cli import main
+
+sys.exit(main())

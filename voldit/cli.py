@@ -1,0 +1,167 @@
+"""The ``voldit`` command line: one verb per task."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from voldit.config import ConfigError, load_config, stage_of, to_yaml
+
+log = logging.getLogger("voldit")
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def register(fn):
+        _COMMANDS[name] = fn
+        return fn
+
+    return register
+
+
+def _fmt(n: float) -> str:
+    return f"{n:,}" if isinstance(n, int) else f"{n:.4g}"
+
+
+def describe(cfg) -> dict:
+    """Parameter counts, tokens and forward FLOPs of the model a config describes (built on meta)."""
+    import torch
+
+    from voldit.builders import (
+        build_dit,
+        build_tgca,
+        build_vqgan,
+        build_vqgan_discriminator,
+        count_parameters,
+        forward_flops,
+        latent_shape,
+        tokens,
+    )
+
+    stage = stage_of(cfg)
+    info: dict = {"stage": stage}
+    with torch.device("meta"):
+        if stage == "vqgan":
+            vq = build_vqgan(cfg)
+            info["trainable_parameters"], info["total_parameters"] = count_parameters(vq)
+            info["codebook_parameters"] = info["total_parameters"] - info["trainable_parameters"]
+            if cfg.discriminator is not None:
+                info["discriminator_parameters"] = count_parameters(build_vqgan_discriminator(cfg))[0]
+            roi = tuple(cfg.training.roi_size)
+            info["roi_size"] = list(roi)
+            info["latent_shape"] = latent_shape(cfg)
+            info["encode_flops"] = forward_flops(vq, (1, 1, *roi), call=vq.encode_stage_2_inputs)
+            info["decode_flops"] = forward_flops(vq, (1, *info["latent_shape"]), call=vq.decode_stage_2_outputs)
+            return info
+        base = build_dit(cfg)
+        p = cfg.dit.params
+        info["tokens"] = tokens(cfg)
+        info["latent_shape"] = [p.in_channels, *p.input_size]
+        x_shape, t_shape = (1, p.in_channels, *p.input_size), (1,)
+        if stage == "dit":
+            info["trainable_parameters"], info["total_parameters"] = count_parameters(base)
+            info["forward_flops"] = forward_flops(base, x_shape, t_shape)
+        else:
+            tgca = build_tgca(cfg, base)
+            info["trainable_parameters"], info["total_parameters"] = count_parameters(tgca)
+            cond_shape = (1, cfg.tgca.params.condition_channels, *cfg.training.roi_size)
+            info["forward_flops"] = forward_flops(tgca, x_shape, t_shape, cond_shape)
+    return info
+
+
+@command("info")
+def _info(args: argparse.Namespace) -> int:
+    cfg = load_config(*args.config, overrides=args.set)
+    info = describe(cfg)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(map(len, info))
+    for key, value in info.items():
+        shown = _fmt(value) if isinstance(value, int | float) else value
+        if key.endswith("flops"):
+            shown = f"{value / 1e12:.3f} TFLOP ({_fmt(value)})"
+        print(f"{key.replace('_', ' '):<{width}}  {shown}")
+    return 0
+
+
+@command("config validate")
+def _validate(args: argparse.Namespace) -> int:
+    failures = 0
+    for path in args.files:
+        try:
+            cfg = load_config(path)
+            print(f"ok      {path} ({stage_of(cfg)})")
+        except ConfigError as error:
+            failures += 1
+            print(f"invalid {error}")
+    return 1 if failures else 0
+
+
+@command("config show")
+def _show(args: argparse.Namespace) -> int:
+    if args.files or args.set:
+        cfg = load_config(*args.files, overrides=args.set)
+    else:
+        cfg = load_config({"stage1": {}, "dit": {}, "tgca": {}})
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+@command("import-reference")
+def _import_reference(args: argparse.Namespace) -> int:
+    from voldit.reference import import_reference
+
+    cfg = load_config(*args.config)
+    path = import_reference(args.checkpoint, cfg, args.output, scale_factor=args.scale_factor)
+    print(f"imported {args.checkpoint} -> {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voldit", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    info = verbs.add_parser("info", help="parameters, tokens and forward FLOPs of a config's model")
+    info.add_argument("config", nargs="+", help="config YAML(s), merged left to right (e.g. a DiT and a TGCA config)")
+    info.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+    config = verbs.add_parser("config", help="validate or show configs")
+    config_verbs = config.add_subparsers(dest="config_verb", required=True, metavar="ACTION")
+    validate = config_verbs.add_parser("validate", help="check config files against the schema")
+    validate.add_argument("files", nargs="+")
+    show = config_verbs.add_parser("show", help="print the resolved config (all defaults when no file)")
+    show.add_argument("files", nargs="*")
+    show.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+
+    imp = verbs.add_parser("import-reference", help="convert the authors' .pth checkpoints to voldit checkpoints")
+    imp.add_argument("--checkpoint", required=True, help="the authors' .pth file (VQ-GAN, VolDiT or TGCA)")
+    imp.add_argument("--config", nargs="+", required=True,
+                     help="the config(s) it was trained with, e.g. configs/transformer/dit_ds8_l4.yaml")
+    imp.add_argument("--output", required=True, help="checkpoint directory to write")
+    imp.add_argument("--scale-factor", type=float, default=None,
+                     help="latent scale factor the VolDiT was trained with (the authors' --scale_factor)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from voldit.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    name = args.verb + (f" {args.config_verb}" if args.verb == "config" else "")
+    try:
+        return _COMMANDS[name](args)
+    except (ConfigError, CheckpointError) as error:
+        print(f"voldit {name}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

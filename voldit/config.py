@@ -1,0 +1,358 @@
+"""The one config schema: OmegaConf structured dataclasses in the seed's YAML layout, validated once.
+
+A config file holds any of the sections ``stage1`` (+ ``discriminator``, ``perceptual_network``), ``dit``
+and ``tgca``, plus ``training`` and ``optim``. Several files merge left to right, so a DiT config and a
+TGCA config can be given together, as the seed's scripts take them. Every default lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from voldit.diffusion.schedule import PREDICTION_TYPES, SCHEDULES
+from voldit.models.attention import BACKENDS
+
+STAGES = ("vqgan", "dit", "tgca")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what to change."""
+
+
+@dataclass
+class Stage1Params:
+    spatial_dims: int = 3
+    in_channels: int = 1
+    out_channels: int = 1
+    num_channels: list[int] = field(default_factory=lambda: [128, 256, 512])
+    num_res_channels: list[int] = field(default_factory=lambda: [128, 256, 512])
+    num_res_layers: int = 2
+    # (stride, kernel, dilation, padding) per level: three stride-2 levels compress 8x per axis.
+    downsample_parameters: list[list[int]] = field(default_factory=lambda: [[2, 4, 1, 1]] * 3)
+    upsample_parameters: list[list[int]] = field(default_factory=lambda: [[2, 4, 1, 1, 0]] * 3)
+    num_embeddings: int = 4096  # codebook size
+    embedding_dim: int = 8  # latent channels
+    commitment_cost: float = 0.25
+    decay: float = 0.99  # EMA codebook decay (MONAI's default is 0.5)
+    epsilon: float = 1e-5
+    ddp_sync: bool = True  # all-reduce codebook statistics so DDP workers share one codebook
+
+
+@dataclass
+class Stage1:
+    base_lr: float = 5e-5  # generator learning rate
+    disc_lr: float = 2e-5  # discriminator learning rate
+    perceptual_weight: float = 0.005  # needs downloaded LPIPS weights; 0 turns it off
+    adv_weight: float = 0.005
+    adv_warmup_epochs: int = 10  # epochs of reconstruction-only training before the adversary switches on
+    jukebox_weight: float = 0.0  # optional spectral loss
+    params: Stage1Params = field(default_factory=Stage1Params)
+
+
+@dataclass
+class DiscriminatorParams:
+    spatial_dims: int = 3
+    num_channels: int = 64
+    num_layers_d: int = 3
+    in_channels: int = 1
+    out_channels: int = 1
+
+
+@dataclass
+class Discriminator:
+    params: DiscriminatorParams = field(default_factory=DiscriminatorParams)
+
+
+@dataclass
+class PerceptualParams:
+    spatial_dims: int = 3
+    network_type: str = "squeeze"
+
+
+@dataclass
+class PerceptualNetwork:
+    params: PerceptualParams = field(default_factory=PerceptualParams)
+
+
+@dataclass
+class DiTParams:
+    input_size: list[int] = field(default_factory=lambda: [64, 64, 32])  # latent (D, H, W)
+    patch_size: int = 4  # 2 or 4: tokens = prod(input_size) / p^3
+    in_channels: int = 8  # latent channels of the VQ-GAN
+    hidden_size: int = 1152
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1  # on attention weights, projections and MLP, as the reference trains
+    attention: str = "sdpa"  # sdpa | xformers (falls back to sdpa when not installed) | math
+    # Seed keys, accepted so existing files load: class conditioning is not part of VolDiT, and
+    # flash_attention is served by SDPA's flash kernels.
+    class_dropout_prob: float = 0.0
+    num_classes: int = 0
+    learn_sigma: bool = False
+    flash_attention: bool = True
+
+
+@dataclass
+class DiTScheduler:
+    schedule: str = "cosine"
+    num_train_timesteps: int = 300
+    prediction_type: str = "v_prediction"
+
+
+@dataclass
+class DiT:
+    params: DiTParams = field(default_factory=DiTParams)
+    scheduler: DiTScheduler = field(default_factory=DiTScheduler)
+
+
+@dataclass
+class TGCAParams:
+    condition_channels: int = 1  # channels after stacking the condition keys
+    inject_layers: int | None = None  # null: every block; N: the last N blocks
+    finetune_last_n_blocks: int = 0  # also train the last N base blocks and the final layer
+    condition_dropout_prob: float = 0.1  # whole condition zeroed per sample, enabling guidance
+
+
+@dataclass
+class TGCA:
+    condition_keys: list[str] = field(default_factory=lambda: ["mask"])
+    params: TGCAParams = field(default_factory=TGCAParams)
+
+
+@dataclass
+class Training:
+    n_epochs: int = 1000
+    eval_freq: int = 50  # epochs between validations
+    batch_size: int = 2  # per worker
+    num_workers: int = 4  # data-loading workers per training worker
+    roi_size: list[int] = field(default_factory=lambda: [512, 512, 256])  # image crop (X, Y, Z) in voxels
+    use_precomputed_latents: bool = True
+    scale_factor: float | None = None  # null: taken from the latent dataset (1 / std of the latents)
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    grad_clip: float = 1.0
+    mixed_precision: str = "bf16"  # bf16 | fp16 | no; only used on GPU
+    seed: int = 0
+    # Seed keys. condition_dropout duplicates tgca.params.condition_dropout_prob (it may only repeat it);
+    # the caching keys belonged to MONAI datasets, which Ray Data streaming replaces.
+    condition_dropout: float | None = None
+    spatial_dropout_prob: float = 0.0
+    spatial_dropout_patch_size: int = 16
+    cache: bool = False
+    persistent: bool = False
+    use_persistent: bool = False
+    cache_rate: float = 0.0
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-4
+    lr_gamma: float = 0.999  # exponential decay per epoch
+    weight_decay: float = 0.01  # AdamW
+    fused: bool = False  # fused AdamW kernel (GPU)
+
+
+@dataclass
+class Config:
+    stage1: Stage1 | None = None
+    discriminator: Discriminator | None = None
+    perceptual_network: PerceptualNetwork | None = None
+    dit: DiT | None = None
+    tgca: TGCA | None = None
+    training: Training = field(default_factory=Training)
+    optim: Optim = field(default_factory=Optim)
+
+
+# The seed's per-stage defaults for training and optim, applied beneath the user's files.
+_STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vqgan": {"training": {"n_epochs": 1300, "eval_freq": 10, "batch_size": 4}},
+    "dit": {},
+    "tgca": {"training": {"n_epochs": 500, "eval_freq": 25}, "optim": {"lr": 5e-5}},
+}
+
+
+def stage_of(cfg: DictConfig | dict) -> str:
+    """The stage a config trains: tgca if it has a tgca section, else dit, else vqgan."""
+    for section, stage in (("tgca", "tgca"), ("dit", "dit"), ("stage1", "vqgan")):
+        if cfg.get(section) is not None:
+            return stage
+    raise ConfigError("config has none of the sections stage1, dit or tgca: nothing to build")
+
+
+def _merge(layers: list[Any], source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), *layers)
+    except ConfigKeyError as error:
+        raise ConfigError(
+            f"{source}: unknown key {error.full_key!r}; check its spelling (`voldit config show` lists every key)"
+        ) from None
+    except ValidationError as error:
+        raise ConfigError(
+            f"{source}: {error.full_key!r} has a value of the wrong type ({error.msg.splitlines()[0]})"
+        ) from None
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def load_config(
+    *sources: str | Path | dict, overrides: list[str] | tuple[str, ...] = (), validate_stage1_roi: bool = True
+) -> DictConfig:
+    """Merge YAML files (or dicts) and ``key=value`` overrides onto the schema, then validate."""
+    layers, names = [], []
+    for source in sources:
+        if isinstance(source, dict | DictConfig):
+            layers.append(OmegaConf.create(source))
+            names.append("<dict>")
+            continue
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = OmegaConf.load(path)
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        layers.append(loaded)
+        names.append(str(path))
+    if overrides:
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        names.append("overrides")
+    source = " + ".join(names) or "<defaults>"
+    merged = _merge(layers, source)
+    try:
+        stage = stage_of(merged)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    cfg = _merge([_STAGE_DEFAULTS[stage], *layers], source)
+    validate(cfg, source, validate_stage1_roi)
+    return cfg
+
+
+def _fail(source: str, key: str, problem: str, fix: str) -> None:
+    raise ConfigError(f"{source}: {key} {problem}; {fix}")
+
+
+def validate(cfg: DictConfig, source: str = "config", check_roi: bool = True) -> None:
+    """Reject impossible combinations with a message that names the key and the fix."""
+    roi = list(cfg.training.roi_size)
+    if len(roi) != 3 or min(roi) < 1:
+        _fail(source, "training.roi_size", f"is {roi}", "give three positive voxel counts, e.g. [512, 512, 256]")
+    if cfg.stage1 is not None:
+        p = cfg.stage1.params
+        if len(p.num_channels) != len(p.num_res_channels) or len(p.num_channels) != len(p.downsample_parameters):
+            _fail(
+                source,
+                "stage1.params.num_channels",
+                "num_res_channels and downsample_parameters have different lengths",
+                "give one entry per level in each",
+            )
+        if len(p.upsample_parameters) != len(p.downsample_parameters):
+            _fail(source, "stage1.params.upsample_parameters", "has a different length from downsample_parameters",
+                  "give one entry per level")
+        factor = math.prod(level[0] for level in p.downsample_parameters)
+        if check_roi and any(s % factor for s in roi):
+            _fail(
+                source,
+                "training.roi_size",
+                f"{roi} is not divisible by the VQ-GAN downsampling factor {factor}",
+                f"use sizes that are multiples of {factor}, e.g. {[s - s % factor or factor for s in roi]}",
+            )
+    if cfg.dit is not None:
+        _validate_dit(cfg, source)
+    if cfg.tgca is not None:
+        _validate_tgca(cfg, source)
+    if cfg.training.mixed_precision not in ("bf16", "fp16", "no"):
+        _fail(source, "training.mixed_precision", f"is {cfg.training.mixed_precision!r}", "use bf16, fp16 or no")
+    if not 0.0 <= cfg.training.ema_decay < 1.0:
+        _fail(source, "training.ema_decay", f"is {cfg.training.ema_decay}", "use a value in [0, 1)")
+    if cfg.training.batch_size < 1:
+        _fail(source, "training.batch_size", f"is {cfg.training.batch_size}", "use at least 1")
+
+
+def _validate_dit(cfg: DictConfig, source: str) -> None:
+    p, s = cfg.dit.params, cfg.dit.scheduler
+    if p.hidden_size % p.num_heads:
+        _fail(
+            source,
+            "dit.params.hidden_size",
+            f"{p.hidden_size} is not divisible by dit.params.num_heads {p.num_heads}",
+            "choose num_heads that divides hidden_size (head width = hidden_size / num_heads)",
+        )
+    if len(p.input_size) != 3 or any(n % p.patch_size for n in p.input_size):
+        _fail(
+            source,
+            "dit.params.input_size",
+            f"{list(p.input_size)} is not divisible by dit.params.patch_size {p.patch_size}",
+            "use a latent size whose every axis is a multiple of the patch size",
+        )
+    if p.num_classes != 0 or p.learn_sigma or p.class_dropout_prob != 0:
+        _fail(source, "dit.params.num_classes", "asks for class labels or learned sigma, which VolDiT has not",
+              "set num_classes: 0, learn_sigma: false, class_dropout_prob: 0.0 (use TGCA for conditioning)")
+    if p.attention not in BACKENDS:
+        _fail(source, "dit.params.attention", f"is {p.attention!r}", f"use one of {list(BACKENDS)}")
+    if s.schedule not in SCHEDULES:
+        _fail(source, "dit.scheduler.schedule", f"is {s.schedule!r}", f"use one of {list(SCHEDULES)}")
+    if s.prediction_type not in PREDICTION_TYPES:
+        _fail(source, "dit.scheduler.prediction_type", f"is {s.prediction_type!r}",
+              f"use one of {list(PREDICTION_TYPES)}")
+    if cfg.stage1 is not None:
+        p1 = cfg.stage1.params
+        factor = math.prod(level[0] for level in p1.downsample_parameters)
+        latent = [n // factor for n in cfg.training.roi_size]
+        if latent != list(p.input_size):
+            _fail(source, "dit.params.input_size", f"{list(p.input_size)} differs from the latent of "
+                  f"training.roi_size {list(cfg.training.roi_size)} / {factor} = {latent}",
+                  "make input_size equal roi_size divided by the VQ-GAN downsampling factor")
+        if p1.embedding_dim != p.in_channels:
+            _fail(source, "dit.params.in_channels", f"{p.in_channels} differs from stage1.params.embedding_dim "
+                  f"{p1.embedding_dim}", "make them equal")
+
+
+def _validate_tgca(cfg: DictConfig, source: str) -> None:
+    t = cfg.tgca.params
+    if not cfg.tgca.condition_keys:
+        _fail(source, "tgca.condition_keys", "is empty", "name at least one mask column, e.g. [mask]")
+    if t.condition_channels < len(cfg.tgca.condition_keys):
+        _fail(source, "tgca.params.condition_channels", f"{t.condition_channels} is fewer than the "
+              f"{len(cfg.tgca.condition_keys)} condition keys", "give at least one channel per key")
+    if not 0.0 <= t.condition_dropout_prob < 1.0:
+        _fail(source, "tgca.params.condition_dropout_prob", f"is {t.condition_dropout_prob}", "use a value in [0, 1)")
+    dup = cfg.training.condition_dropout
+    if dup is not None and dup != t.condition_dropout_prob:
+        _fail(source, "training.condition_dropout", f"({dup}) contradicts tgca.params.condition_dropout_prob "
+              f"({t.condition_dropout_prob}); dropout is applied once", "set only tgca.params.condition_dropout_prob")
+    if cfg.training.spatial_dropout_prob:
+        _fail(source, "training.spatial_dropout_prob", "is not supported", "set it to 0.0")
+    if cfg.dit is not None:
+        depth = cfg.dit.params.depth
+        if t.inject_layers is not None and not 1 <= t.inject_layers <= depth:
+            _fail(source, "tgca.params.inject_layers", f"is {t.inject_layers} for a DiT of depth {depth}",
+                  f"use null (every block) or 1..{depth}")
+        if not 0 <= t.finetune_last_n_blocks <= depth:
+            _fail(source, "tgca.params.finetune_last_n_blocks", f"is {t.finetune_last_n_blocks} for a DiT of "
+                  f"depth {depth}", f"use 0..{depth}")
+
+
+def section_dict(section: DictConfig) -> dict[str, Any]:
+    """A plain dict of one section, for passing to constructors."""
+    return OmegaConf.to_container(section, resolve=True)
+
+
+def dit_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """DiT3D constructor arguments from a config's dit.params (seed-only keys dropped)."""
+    p = section_dict(cfg.dit.params)
+    for key in ("class_dropout_prob", "num_classes", "learn_sigma", "flash_attention"):
+        p.pop(key)
+    return p
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

@@ -1,0 +1,36 @@
+"""The fixed CT intensity window: HU [-1000, 1000] <-> [-1, 1], and its exact inverse, side by side."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+HU_MIN = -1000.0
+HU_MAX = 1000.0
+
+Array = np.ndarray | torch.Tensor
+
+
+def hu_to_unit(hu: Array) -> Array:
+    """Clip Hounsfield units to [HU_MIN, HU_MAX] and map linearly to [-1, 1] (float32)."""
+    if isinstance(hu, torch.Tensor):
+        hu = hu.float().clamp(HU_MIN, HU_MAX)
+    else:
+        hu = np.clip(np.asarray(hu, dtype=np.float32), HU_MIN, HU_MAX)
+    return (hu - HU_MIN) / (HU_MAX - HU_MIN) * 2.0 - 1.0
+
+
+def unit_to_hu(x: Array) -> Array:
+    """Inverse of ``hu_to_unit`` on [-1, 1]; values outside are clipped first, so the result stays in range."""
+    if isinstance(x, torch.Tensor):
+        x = x.float().clamp(-1.0, 1.0)
+    else:
+        x = np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0)
+    return (x + 1.0) / 2.0 * (HU_MAX - HU_MIN) + HU_MIN
+
+
+def unit_to_hu_int16(x: Array) -> np.ndarray:
+    """``unit_to_hu`` rounded to the int16 voxels CT is stored in."""
+    hu = unit_to_hu(x)
+    hu = hu.cpu().numpy() if isinstance(hu, torch.Tensor) else hu
+    return np.rint(hu).astype(np.int16)

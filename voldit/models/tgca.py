@@ -1,0 +1,120 @@
+"""TGCA: a timestep-gated control adapter that conditions a frozen VolDiT on masks via control tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import Convolution
+from torch import nn
+
+from voldit.models.dit import DiT3D
+
+ENCODER_CHANNELS = (8, 16, 32, 64, 128)
+
+
+def _conv(in_ch: int, out_ch: int, stride: int) -> Convolution:
+    return Convolution(3, in_ch, out_ch, strides=stride, kernel_size=3, padding=1, conv_only=True)
+
+
+class ConditionEncoder(nn.Module):
+    """Condition (B, K, X, Y, Z) at image resolution -> features (B, hidden, X/16, Y/16, Z/16).
+
+    Each level is a 3x3x3 conv then a stride-2 conv, all SiLU; the output conv starts at zero so the
+    adapter contributes nothing before training.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, channels: Sequence[int] = ENCODER_CHANNELS) -> None:
+        super().__init__()
+        self.conv_in = _conv(in_channels, channels[0], 1)
+        self.blocks = nn.ModuleList()
+        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+            self.blocks.extend([_conv(c_in, c_in, 1), _conv(c_in, c_out, 2)])
+        self.conv_out = _conv(channels[-1], out_channels, 1)
+        for p in self.conv_out.parameters():
+            nn.init.zeros_(p)
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.conv_in(condition))
+        for block in self.blocks:
+            x = F.silu(block(x))
+        return self.conv_out(x)
+
+
+class TGCA3D(nn.Module):
+    """Conditional VolDiT: ``forward(x, t, condition)`` with condition (B, K, X, Y, Z) at image resolution.
+
+    The base model is frozen (optionally but its last ``finetune_last_n_blocks`` blocks and final layer)
+    and stays in eval mode whatever mode the wrapper is put in. Condition dropout, which makes
+    classifier-free guidance possible, happens here and only here: in training mode each sample's whole
+    condition is zeroed with probability ``condition_dropout_prob``.
+    """
+
+    def __init__(
+        self,
+        base_model: DiT3D,
+        condition_channels: int = 1,
+        inject_layers: int | None = None,
+        finetune_last_n_blocks: int = 0,
+        condition_dropout_prob: float = 0.1,
+    ) -> None:
+        super().__init__()
+        depth = len(base_model.blocks)
+        if inject_layers is not None and not 1 <= inject_layers <= depth:
+            raise ValueError(f"inject_layers must be null or between 1 and depth {depth}, got {inject_layers}")
+        if not 0 <= finetune_last_n_blocks <= depth:
+            raise ValueError(f"finetune_last_n_blocks must be between 0 and depth {depth}")
+        if not 0.0 <= condition_dropout_prob < 1.0:
+            raise ValueError(f"condition_dropout_prob must be in [0, 1), got {condition_dropout_prob}")
+        self.base_model = base_model
+        self.inject_layers = list(range(depth - (inject_layers or depth), depth))
+        self.condition_dropout_prob = condition_dropout_prob
+        hidden = base_model.hidden_size
+        self.condition_embedder = ConditionEncoder(condition_channels, hidden)
+        self.time_gate = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.time_gate.weight)
+        nn.init.zeros_(self.time_gate.bias)
+        self.adapter_scales = nn.ParameterList(nn.Parameter(torch.full((1,), 0.1)) for _ in self.inject_layers)
+
+        base_model.requires_grad_(False)
+        # A plain list, so the shared modules are not registered (and saved) a second time.
+        self._finetuned: list[nn.Module] = (
+            [*base_model.blocks[depth - finetune_last_n_blocks :], base_model.final_layer]
+            if finetune_last_n_blocks
+            else []
+        )
+        for module in self._finetuned:
+            module.requires_grad_(True)
+        self.train(True)
+
+    def train(self, mode: bool = True) -> TGCA3D:
+        super().train(mode)
+        self.base_model.eval()
+        for module in self._finetuned:
+            module.train(mode)
+        return self
+
+    def control_tokens(self, condition: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """Gated control tokens (B, T, hidden) from the condition and the timestep embedding."""
+        features = self.condition_embedder(condition.to(t_emb.dtype))  # (B, hidden, x, y, z)
+        grid = self.base_model.x_embedder.grid_size
+        if tuple(features.shape[2:]) != grid:
+            features = F.interpolate(features, size=grid, mode="trilinear", align_corners=False)
+        gate = torch.sigmoid(self.time_gate(t_emb)).unsqueeze(1)  # (B, 1, 1)
+        return gate * features.flatten(2).transpose(1, 2)
+
+    def drop_condition(self, condition: torch.Tensor) -> torch.Tensor:
+        keep = torch.rand(condition.shape[0], device=condition.device) >= self.condition_dropout_prob
+        return condition * keep.view(-1, *([1] * (condition.ndim - 1))).to(condition.dtype)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        if self.training and self.condition_dropout_prob > 0:
+            condition = self.drop_condition(condition)
+        base = self.base_model
+        tokens, c = base.embed(x, t)
+        control = self.control_tokens(condition, c)
+        controls: list[torch.Tensor | None] = [None] * len(base.blocks)
+        for scale, i in zip(self.adapter_scales, self.inject_layers, strict=True):
+            controls[i] = scale * control
+        return base.head(base.run_blocks(tokens, c, controls), c)
