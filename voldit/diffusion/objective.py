@@ -18,10 +18,12 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """Mean Smooth-L1 loss at uniformly drawn timesteps for clean latents x0 (B, C, D, H, W).
 
-    The loss is taken in float32 whatever precision the network ran in.
+    Timesteps and noise come from ``generator`` (on its device) or, without one, the global RNG of
+    x0's device. The loss is taken in float32 whatever precision the network ran in.
     """
-    t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device="cpu")
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+    device = generator.device if generator is not None else x0.device
+    t = torch.randint(0, schedule.num_train_timesteps, (x0.shape[0],), generator=generator, device=device)
+    noise = torch.randn(x0.shape, generator=generator, device=device).to(x0.device, x0.dtype)
     t = t.to(x0.device)
     prediction = denoise(schedule.add_noise(x0, noise, t), t, **cond)
     return F.smooth_l1_loss(prediction.float(), schedule.target(x0, noise, t).float())

@@ -15,35 +15,38 @@ SAMPLERS = ("ddpm", "ddim")
 
 
 def randn(shape: Sequence[int], generator: Generators, device: torch.device | str, dtype: torch.dtype):
-    """Standard normal noise drawn on the CPU, so a seed gives the same numbers on every device.
+    """Standard normal noise drawn on the generator's own device, then moved to ``device``.
 
-    With one generator the whole batch is drawn at once; with one generator per sample each sample's
-    noise depends only on its own generator, so a sample does not change with its batch-mates.
+    A CPU generator gives the same numbers on every machine; a CUDA generator avoids the copy. With one
+    generator the whole batch is drawn at once; with one generator per sample each sample's noise
+    depends only on its own generator, so a sample does not change with its batch-mates.
     """
     if isinstance(generator, torch.Generator):
-        noise = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+        noise = torch.randn(tuple(shape), generator=generator, device=generator.device)
     else:
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+        noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator])
     return noise.to(device=device, dtype=dtype)
 
 
-def classifier_free(denoise: Denoise, guidance_scale: float, condition_key: str = "condition") -> Denoise:
-    """Wrap a conditional denoiser with classifier-free guidance: u + s (c - u), u with a zeroed condition.
+def classifier_free(
+    denoise: Denoise, guidance_scale: float, unconditional: dict[str, torch.Tensor] | None = None
+) -> Denoise:
+    """Wrap a conditional denoiser with classifier-free guidance: u + s (c - u).
 
-    Scale 1.0 returns the plain conditional denoiser (one pass); otherwise both passes run as one batch.
+    ``u`` is the prediction with the conditioning kwargs replaced by ``unconditional`` (default: zeros of
+    the same shape, a dropped condition). Scale 1.0 returns the plain conditional denoiser (one pass);
+    otherwise both passes run as one batch.
     """
     if guidance_scale == 1.0:
         return denoise
 
     def guided(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        c = cond.pop(condition_key)
-        both = denoise(
-            torch.cat([x, x]), torch.cat([t, t]), **{condition_key: torch.cat([c, torch.zeros_like(c)])}, **cond
-        )
-        conditional, unconditional = both.chunk(2)
-        return unconditional + guidance_scale * (conditional - unconditional)
+        null = unconditional if unconditional is not None else {k: torch.zeros_like(v) for k, v in cond.items()}
+        both = denoise(torch.cat([x, x]), torch.cat([t, t]), **{k: torch.cat([v, null[k]]) for k, v in cond.items()})
+        conditional, uncond = both.chunk(2)
+        return uncond + guidance_scale * (conditional - uncond)
 
     return guided
 

@@ -45,6 +45,10 @@ class ConditionEncoder(nn.Module):
 class TGCA3D(nn.Module):
     """Conditional VolDiT: ``forward(x, t, condition)`` with condition (B, K, X, Y, Z) at image resolution.
 
+    The condition encoder's features, resized to the token grid, are scaled by a gate
+    g(t) = sigmoid(Linear(t_emb)) and, times a learnable per-block scale, added to the attention input of
+    each injected block.
+
     The base model is frozen (optionally but its last ``finetune_last_n_blocks`` blocks and final layer)
     and stays in eval mode whatever mode the wrapper is put in. Condition dropout, which makes
     classifier-free guidance possible, happens here and only here: in training mode each sample's whole
@@ -95,25 +99,39 @@ class TGCA3D(nn.Module):
             module.train(mode)
         return self
 
-    def control_tokens(self, condition: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        """Gated control tokens (B, T, hidden) from the condition and the timestep embedding."""
-        features = self.condition_embedder(condition.to(t_emb.dtype))  # (B, hidden, x, y, z)
+    def condition_features(self, condition: torch.Tensor) -> torch.Tensor:
+        """Ungated control features (B, T, hidden) of a condition (B, K, X, Y, Z).
+
+        They do not depend on the timestep, so a sampler computes them once per volume, not per step.
+        """
+        features = self.condition_embedder(condition.to(self.time_gate.weight.dtype))  # (B, hidden, x, y, z)
         grid = self.base_model.x_embedder.grid_size
         if tuple(features.shape[2:]) != grid:
             features = F.interpolate(features, size=grid, mode="trilinear", align_corners=False)
-        gate = torch.sigmoid(self.time_gate(t_emb)).unsqueeze(1)  # (B, 1, 1)
-        return gate * features.flatten(2).transpose(1, 2)
+        return features.flatten(2).transpose(1, 2)  # (B, T, hidden)
 
     def drop_condition(self, condition: torch.Tensor) -> torch.Tensor:
         keep = torch.rand(condition.shape[0], device=condition.device) >= self.condition_dropout_prob
         return condition * keep.view(-1, *([1] * (condition.ndim - 1))).to(condition.dtype)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        if self.training and self.condition_dropout_prob > 0:
-            condition = self.drop_condition(condition)
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        condition: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Prediction for latents x (B, C, D, H, W) at timesteps t (B,), given the condition or its
+        precomputed ``condition_features``."""
+        if (condition is None) == (features is None):
+            raise ValueError("pass exactly one of condition and features")
+        if features is None:
+            if self.training and self.condition_dropout_prob > 0:
+                condition = self.drop_condition(condition)
+            features = self.condition_features(condition)
         base = self.base_model
         tokens, c = base.embed(x, t)
-        control = self.control_tokens(condition, c)
+        control = torch.sigmoid(self.time_gate(c)).unsqueeze(1) * features.to(c.dtype)  # gate (B, 1, 1)
         controls: list[torch.Tensor | None] = [None] * len(base.blocks)
         for scale, i in zip(self.adapter_scales, self.inject_layers, strict=True):
             controls[i] = scale * control

@@ -1,0 +1,70 @@
+"""Shared pieces of the benchmarks: timing, device facts and result output. Imports no Ray."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+# Dense bf16/fp16 tensor-core peak by the vendors' datasheets (FLOP/s), for model FLOPs utilisation.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def peak_flops(device: torch.device) -> float | None:
+    name = device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device, warmup: int, iters: int) -> float:
+    """Seconds per call of fn, after warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def header(device: torch.device, command: str) -> dict:
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+    }
+
+
+def emit(rows: list[dict], meta: dict, columns: list[str], path: str | None) -> None:
+    """Print a table and one JSON document; write the JSON to path when given."""
+    doc = {**meta, "results": rows}
+    widths = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_cell(r.get(c)).ljust(widths[c]) for c in columns))
+    print(json.dumps(doc))
+    if path:
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=2)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

@@ -1,0 +1,126 @@
+"""VolDiT training-step throughput and model FLOPs utilisation, fast paths beside the reference procedure.
+
+Baseline (the reference's procedure): fp16 autocast with a GradScaler, plain attention math, AdamW,
+no compile. Fast paths: bf16 autocast, SDPA attention (flash kernels), fused AdamW, optionally
+torch.compile. Every mode runs the same step: v-prediction Smooth-L1 loss, backward, clip at 1.0,
+AdamW, EMA update.
+
+    python bench/train_step.py --models VolDiT-L/4 --device cuda --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, header, peak_flops, timed  # noqa: E402
+
+from voldit.diffusion import NoiseSchedule, diffusion_loss  # noqa: E402
+from voldit.models.dit import DIT_MODELS, DiT3D  # noqa: E402
+from voldit.models.ema import EMA  # noqa: E402
+
+MODES = {
+    "baseline": dict(amp=torch.float16, attention="math", fused=False, compile=False),
+    "bf16_sdpa": dict(amp=torch.bfloat16, attention="sdpa", fused=True, compile=False),
+    "bf16_sdpa_compile": dict(amp=torch.bfloat16, attention="sdpa", fused=True, compile=True),
+}
+
+
+def forward_flops(name: str, input_size) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = DiT3D(**DIT_MODELS[name], input_size=input_size)
+        x = torch.zeros(1, 8, *input_size)
+        t = torch.zeros(1, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t)
+    return counter.get_total_flops()
+
+
+def run(name: str, mode: str, batch: int, input_size, device, warmup: int, iters: int) -> dict:
+    spec = MODES[mode]
+    torch.manual_seed(0)
+    model = DiT3D(**DIT_MODELS[name], input_size=input_size, attention=spec["attention"]).to(device)
+    model.train()
+    fused = spec["fused"] and device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
+    ema = EMA(model, 0.9999)
+    scaler = torch.amp.GradScaler(enabled=spec["amp"] is torch.float16 and device.type == "cuda")
+    net = torch.compile(model) if spec["compile"] else model
+    schedule = NoiseSchedule(300, "cosine", "v_prediction")
+    x0 = torch.randn(batch, 8, *input_size, device=device)
+    amp_on = device.type == "cuda" or spec["amp"] is torch.bfloat16
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=spec["amp"], enabled=amp_on):
+            loss = diffusion_loss(net, schedule, x0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        ema.update()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(step, device, warmup, iters)
+    tokens = model.num_tokens
+    flops = 3 * forward_flops(name, input_size) * batch  # forward + backward (2x)
+    peak = peak_flops(device)
+    return {
+        "model": name,
+        "mode": mode,
+        "batch": batch,
+        "tokens": tokens,
+        "step_ms": seconds * 1e3,
+        "samples_per_s": batch / seconds,
+        "tokens_per_s": batch * tokens / seconds,
+        "tflops": flops / seconds / 1e12,
+        "mfu": flops / seconds / peak if peak else None,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["VolDiT-L/4"], choices=list(DIT_MODELS))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--batch", type=int, nargs="+", default=[2], help="per-device batch; the seed uses 2")
+    parser.add_argument("--input-size", type=int, nargs=3, default=[64, 64, 32])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    rows = []
+    for name in args.models:
+        for batch in args.batch:
+            for mode in args.modes:
+                try:
+                    rows.append(run(name, mode, batch, args.input_size, device, args.warmup, args.iters))
+                except torch.OutOfMemoryError:
+                    rows.append({"model": name, "mode": mode, "batch": batch, "error": "out of memory"})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                print(rows[-1], file=sys.stderr, flush=True)
+    for row in rows:
+        base = next((r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]
+                     and r["mode"] == "baseline" and "samples_per_s" in r), None)
+        if base and "samples_per_s" in row:
+            row["speedup"] = row["samples_per_s"] / base["samples_per_s"]
+    columns = ["model", "mode", "batch", "step_ms", "samples_per_s", "tokens_per_s", "tflops", "mfu", "speedup",
+               "peak_mem_gb", "error"]
+    emit(rows, header(device, " ".join(sys.argv)), columns, args.out)
+
+
+if __name__ == "__main__":
+    main()
