@@ -40,7 +40,9 @@ def run(model, schedule, batch, roi, latent, steps, sampler, amp, precompute, de
 
     def once():
         with torch.autocast(device.type, dtype=amp, enabled=device.type == "cuda" or amp is torch.bfloat16):
-            cond = {"features": model.condition_features(condition)} if precompute else {"condition": condition}
+            cond = (
+                {"features": model.condition_features(condition)} if precompute else {"condition": condition}
+            )
             sample(model, schedule, (batch, 8, *latent), gens, sampler, steps, device=device, **cond)
 
     sync(device)
@@ -52,7 +54,9 @@ def run(model, schedule, batch, roi, latent, steps, sampler, amp, precompute, de
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="VolDiT-L/4", choices=list(DIT_MODELS))
     parser.add_argument("--roi", type=int, nargs=3, default=[512, 512, 256])
     parser.add_argument("--batch", type=int, default=8)
@@ -76,10 +80,30 @@ def main() -> None:
         with torch.no_grad():
             # warm up with a short run so the timed run excludes one-off costs
             run(model, schedule, batch, args.roi, latent, 2, sampler, amp, precompute, device, 1)
-            seconds = run(model, schedule, batch, args.roi, latent, steps, sampler, amp, precompute, device,
-                          args.repeats)
-        rows.append({"path": label, "model": args.model, "roi": "x".join(map(str, args.roi)), "batch": batch,
-                     "sampler": f"{sampler}-{steps}", "s_per_volume": seconds, "volumes_per_hour": 3600 / seconds})
+            seconds = run(
+                model,
+                schedule,
+                batch,
+                args.roi,
+                latent,
+                steps,
+                sampler,
+                amp,
+                precompute,
+                device,
+                args.repeats,
+            )
+        rows.append(
+            {
+                "path": label,
+                "model": args.model,
+                "roi": "x".join(map(str, args.roi)),
+                "batch": batch,
+                "sampler": f"{sampler}-{steps}",
+                "s_per_volume": seconds,
+                "volumes_per_hour": 3600 / seconds,
+            }
+        )
         print(rows[-1], file=sys.stderr, flush=True)
         del model
         if device.type == "cuda":
@@ -87,8 +111,12 @@ def main() -> None:
     base = rows[0]["volumes_per_hour"]
     for row in rows:
         row["speedup"] = row["volumes_per_hour"] / base
-    emit(rows, header(device, " ".join(sys.argv)), ["path", "model", "roi", "batch", "sampler", "s_per_volume",
-                                                     "volumes_per_hour", "speedup"], args.out)
+    emit(
+        rows,
+        header(device, " ".join(sys.argv)),
+        ["path", "model", "roi", "batch", "sampler", "s_per_volume", "volumes_per_hour", "speedup"],
+        args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -88,7 +88,9 @@ def run(name: str, mode: str, batch: int, input_size, device, warmup: int, iters
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["VolDiT-L/4"], choices=list(DIT_MODELS))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--batch", type=int, nargs="+", default=[2], help="per-device batch; the seed uses 2")
@@ -113,12 +115,32 @@ def main() -> None:
                     torch.cuda.empty_cache()
                 print(rows[-1], file=sys.stderr, flush=True)
     for row in rows:
-        base = next((r for r in rows if r["model"] == row["model"] and r["batch"] == row["batch"]
-                     and r["mode"] == "baseline" and "samples_per_s" in r), None)
+        base = next(
+            (
+                r
+                for r in rows
+                if r["model"] == row["model"]
+                and r["batch"] == row["batch"]
+                and r["mode"] == "baseline"
+                and "samples_per_s" in r
+            ),
+            None,
+        )
         if base and "samples_per_s" in row:
             row["speedup"] = row["samples_per_s"] / base["samples_per_s"]
-    columns = ["model", "mode", "batch", "step_ms", "samples_per_s", "tokens_per_s", "tflops", "mfu", "speedup",
-               "peak_mem_gb", "error"]
+    columns = [
+        "model",
+        "mode",
+        "batch",
+        "step_ms",
+        "samples_per_s",
+        "tokens_per_s",
+        "tflops",
+        "mfu",
+        "speedup",
+        "peak_mem_gb",
+        "error",
+    ]
     emit(rows, header(device, " ".join(sys.argv)), columns, args.out)
 
 

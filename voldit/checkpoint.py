@@ -48,8 +48,12 @@ def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "s")
         tensors[prefix] = obj.detach().cpu().contiguous()
         return {_TENSOR: prefix}
     if isinstance(obj, dict):
-        return {"__dict__": [[flatten_state(k, tensors, f"{prefix}.k{i}"), flatten_state(v, tensors, f"{prefix}.{i}")]
-                             for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__dict__": [
+                [flatten_state(k, tensors, f"{prefix}.k{i}"), flatten_state(v, tensors, f"{prefix}.{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, list | tuple):
         items = [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
         return {"__tuple__": items} if isinstance(obj, tuple) else items
@@ -152,7 +156,9 @@ class Checkpoint:
             ema = self.weights("ema")
             unknown = set(ema) - set(state)
             if unknown:
-                raise CheckpointError(f"checkpoint {self.path}: EMA weights for unknown keys {sorted(unknown)[:3]}")
+                raise CheckpointError(
+                    f"checkpoint {self.path}: EMA weights for unknown keys {sorted(unknown)[:3]}"
+                )
             state.update(ema)
         return state
 
@@ -167,14 +173,18 @@ def load_checkpoint(path: str | Path, stage: str | None = None) -> Checkpoint:
     """Open a checkpoint directory; with ``stage``, insist that it is a checkpoint of that stage."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist (a checkpoint is a directory with meta.json)")
+        raise CheckpointError(
+            f"checkpoint {path} does not exist (a checkpoint is a directory with meta.json)"
+        )
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"{path} is not a complete voldit checkpoint: meta.json is missing")
     meta = json.loads((path / "meta.json").read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, expected {FORMAT_VERSION}")
     if stage is not None and meta.get("stage") != stage:
-        raise CheckpointError(f"checkpoint {path} is a {meta.get('stage')!r} checkpoint, expected a {stage!r} one")
+        raise CheckpointError(
+            f"checkpoint {path} is a {meta.get('stage')!r} checkpoint, expected a {stage!r} one"
+        )
     from voldit.config import load_config
 
     return Checkpoint(path=path, config=load_config(path / "config.yaml"), meta=meta)

@@ -55,7 +55,9 @@ def describe(cfg) -> dict:
             info["roi_size"] = list(roi)
             info["latent_shape"] = latent_shape(cfg)
             info["encode_flops"] = forward_flops(vq, (1, 1, *roi), call=vq.encode_stage_2_inputs)
-            info["decode_flops"] = forward_flops(vq, (1, *info["latent_shape"]), call=vq.decode_stage_2_outputs)
+            info["decode_flops"] = forward_flops(
+                vq, (1, *info["latent_shape"]), call=vq.decode_stage_2_outputs
+            )
             return info
         base = build_dit(cfg)
         p = cfg.dit.params
@@ -128,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     info = verbs.add_parser("info", help="parameters, tokens and forward FLOPs of a config's model")
-    info.add_argument("config", nargs="+", help="config YAML(s), merged left to right (e.g. a DiT and a TGCA config)")
+    info.add_argument(
+        "config", nargs="+", help="config YAML(s), merged left to right (e.g. a DiT and a TGCA config)"
+    )
     info.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     info.add_argument("--json", action="store_true", help="print JSON")
 
@@ -140,13 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("files", nargs="*")
     show.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
 
-    imp = verbs.add_parser("import-reference", help="convert the authors' .pth checkpoints to voldit checkpoints")
+    imp = verbs.add_parser(
+        "import-reference", help="convert the authors' .pth checkpoints to voldit checkpoints"
+    )
     imp.add_argument("--checkpoint", required=True, help="the authors' .pth file (VQ-GAN, VolDiT or TGCA)")
-    imp.add_argument("--config", nargs="+", required=True,
-                     help="the config(s) it was trained with, e.g. configs/transformer/dit_ds8_l4.yaml")
+    imp.add_argument(
+        "--config",
+        nargs="+",
+        required=True,
+        help="the config(s) it was trained with, e.g. configs/transformer/dit_ds8_l4.yaml",
+    )
     imp.add_argument("--output", required=True, help="checkpoint directory to write")
-    imp.add_argument("--scale-factor", type=float, default=None,
-                     help="latent scale factor the VolDiT was trained with (the authors' --scale_factor)")
+    imp.add_argument(
+        "--scale-factor",
+        type=float,
+        default=None,
+        help="latent scale factor the VolDiT was trained with (the authors' --scale_factor)",
+    )
     return parser
 
 
@@ -154,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from voldit.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
     name = args.verb + (f" {args.config_verb}" if args.verb == "config" else "")
     try:
         return _COMMANDS[name](args)

@@ -244,10 +244,14 @@ def validate(cfg: DictConfig, source: str = "config", check_roi: bool = True) ->
     """Reject impossible combinations with a message that names the key and the fix."""
     roi = list(cfg.training.roi_size)
     if len(roi) != 3 or min(roi) < 1:
-        _fail(source, "training.roi_size", f"is {roi}", "give three positive voxel counts, e.g. [512, 512, 256]")
+        _fail(
+            source, "training.roi_size", f"is {roi}", "give three positive voxel counts, e.g. [512, 512, 256]"
+        )
     if cfg.stage1 is not None:
         p = cfg.stage1.params
-        if len(p.num_channels) != len(p.num_res_channels) or len(p.num_channels) != len(p.downsample_parameters):
+        if len(p.num_channels) != len(p.num_res_channels) or len(p.num_channels) != len(
+            p.downsample_parameters
+        ):
             _fail(
                 source,
                 "stage1.params.num_channels",
@@ -255,8 +259,12 @@ def validate(cfg: DictConfig, source: str = "config", check_roi: bool = True) ->
                 "give one entry per level in each",
             )
         if len(p.upsample_parameters) != len(p.downsample_parameters):
-            _fail(source, "stage1.params.upsample_parameters", "has a different length from downsample_parameters",
-                  "give one entry per level")
+            _fail(
+                source,
+                "stage1.params.upsample_parameters",
+                "has a different length from downsample_parameters",
+                "give one entry per level",
+            )
         factor = math.prod(level[0] for level in p.downsample_parameters)
         if check_roi and any(s % factor for s in roi):
             _fail(
@@ -270,7 +278,9 @@ def validate(cfg: DictConfig, source: str = "config", check_roi: bool = True) ->
     if cfg.tgca is not None:
         _validate_tgca(cfg, source)
     if cfg.training.mixed_precision not in ("bf16", "fp16", "no"):
-        _fail(source, "training.mixed_precision", f"is {cfg.training.mixed_precision!r}", "use bf16, fp16 or no")
+        _fail(
+            source, "training.mixed_precision", f"is {cfg.training.mixed_precision!r}", "use bf16, fp16 or no"
+        )
     if not 0.0 <= cfg.training.ema_decay < 1.0:
         _fail(source, "training.ema_decay", f"is {cfg.training.ema_decay}", "use a value in [0, 1)")
     if cfg.training.batch_size < 1:
@@ -294,26 +304,42 @@ def _validate_dit(cfg: DictConfig, source: str) -> None:
             "use a latent size whose every axis is a multiple of the patch size",
         )
     if p.num_classes != 0 or p.learn_sigma or p.class_dropout_prob != 0:
-        _fail(source, "dit.params.num_classes", "asks for class labels or learned sigma, which VolDiT has not",
-              "set num_classes: 0, learn_sigma: false, class_dropout_prob: 0.0 (use TGCA for conditioning)")
+        _fail(
+            source,
+            "dit.params.num_classes",
+            "asks for class labels or learned sigma, which VolDiT has not",
+            "set num_classes: 0, learn_sigma: false, class_dropout_prob: 0.0 (use TGCA for conditioning)",
+        )
     if p.attention not in BACKENDS:
         _fail(source, "dit.params.attention", f"is {p.attention!r}", f"use one of {list(BACKENDS)}")
     if s.schedule not in SCHEDULES:
         _fail(source, "dit.scheduler.schedule", f"is {s.schedule!r}", f"use one of {list(SCHEDULES)}")
     if s.prediction_type not in PREDICTION_TYPES:
-        _fail(source, "dit.scheduler.prediction_type", f"is {s.prediction_type!r}",
-              f"use one of {list(PREDICTION_TYPES)}")
+        _fail(
+            source,
+            "dit.scheduler.prediction_type",
+            f"is {s.prediction_type!r}",
+            f"use one of {list(PREDICTION_TYPES)}",
+        )
     if cfg.stage1 is not None:
         p1 = cfg.stage1.params
         factor = math.prod(level[0] for level in p1.downsample_parameters)
         latent = [n // factor for n in cfg.training.roi_size]
         if latent != list(p.input_size):
-            _fail(source, "dit.params.input_size", f"{list(p.input_size)} differs from the latent of "
-                  f"training.roi_size {list(cfg.training.roi_size)} / {factor} = {latent}",
-                  "make input_size equal roi_size divided by the VQ-GAN downsampling factor")
+            _fail(
+                source,
+                "dit.params.input_size",
+                f"{list(p.input_size)} differs from the latent of "
+                f"training.roi_size {list(cfg.training.roi_size)} / {factor} = {latent}",
+                "make input_size equal roi_size divided by the VQ-GAN downsampling factor",
+            )
         if p1.embedding_dim != p.in_channels:
-            _fail(source, "dit.params.in_channels", f"{p.in_channels} differs from stage1.params.embedding_dim "
-                  f"{p1.embedding_dim}", "make them equal")
+            _fail(
+                source,
+                "dit.params.in_channels",
+                f"{p.in_channels} differs from stage1.params.embedding_dim {p1.embedding_dim}",
+                "make them equal",
+            )
 
 
 def _validate_tgca(cfg: DictConfig, source: str) -> None:
@@ -321,24 +347,46 @@ def _validate_tgca(cfg: DictConfig, source: str) -> None:
     if not cfg.tgca.condition_keys:
         _fail(source, "tgca.condition_keys", "is empty", "name at least one mask column, e.g. [mask]")
     if t.condition_channels < len(cfg.tgca.condition_keys):
-        _fail(source, "tgca.params.condition_channels", f"{t.condition_channels} is fewer than the "
-              f"{len(cfg.tgca.condition_keys)} condition keys", "give at least one channel per key")
+        _fail(
+            source,
+            "tgca.params.condition_channels",
+            f"{t.condition_channels} is fewer than the {len(cfg.tgca.condition_keys)} condition keys",
+            "give at least one channel per key",
+        )
     if not 0.0 <= t.condition_dropout_prob < 1.0:
-        _fail(source, "tgca.params.condition_dropout_prob", f"is {t.condition_dropout_prob}", "use a value in [0, 1)")
+        _fail(
+            source,
+            "tgca.params.condition_dropout_prob",
+            f"is {t.condition_dropout_prob}",
+            "use a value in [0, 1)",
+        )
     dup = cfg.training.condition_dropout
     if dup is not None and dup != t.condition_dropout_prob:
-        _fail(source, "training.condition_dropout", f"({dup}) contradicts tgca.params.condition_dropout_prob "
-              f"({t.condition_dropout_prob}); dropout is applied once", "set only tgca.params.condition_dropout_prob")
+        _fail(
+            source,
+            "training.condition_dropout",
+            f"({dup}) contradicts tgca.params.condition_dropout_prob "
+            f"({t.condition_dropout_prob}); dropout is applied once",
+            "set only tgca.params.condition_dropout_prob",
+        )
     if cfg.training.spatial_dropout_prob:
         _fail(source, "training.spatial_dropout_prob", "is not supported", "set it to 0.0")
     if cfg.dit is not None:
         depth = cfg.dit.params.depth
         if t.inject_layers is not None and not 1 <= t.inject_layers <= depth:
-            _fail(source, "tgca.params.inject_layers", f"is {t.inject_layers} for a DiT of depth {depth}",
-                  f"use null (every block) or 1..{depth}")
+            _fail(
+                source,
+                "tgca.params.inject_layers",
+                f"is {t.inject_layers} for a DiT of depth {depth}",
+                f"use null (every block) or 1..{depth}",
+            )
         if not 0 <= t.finetune_last_n_blocks <= depth:
-            _fail(source, "tgca.params.finetune_last_n_blocks", f"is {t.finetune_last_n_blocks} for a DiT of "
-                  f"depth {depth}", f"use 0..{depth}")
+            _fail(
+                source,
+                "tgca.params.finetune_last_n_blocks",
+                f"is {t.finetune_last_n_blocks} for a DiT of depth {depth}",
+                f"use 0..{depth}",
+            )
 
 
 def section_dict(section: DictConfig) -> dict[str, Any]:

@@ -39,7 +39,9 @@ def _model_state(blob: dict, path: Path) -> dict[str, torch.Tensor]:
             return dict(blob[key])
     if blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
         return dict(blob)
-    raise CheckpointError(f"{path}: found none of the keys 'model' or 'state_dict' and it is no bare state dict")
+    raise CheckpointError(
+        f"{path}: found none of the keys 'model' or 'state_dict' and it is no bare state dict"
+    )
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor], prefix_of: str) -> dict[str, torch.Tensor]:
@@ -50,7 +52,9 @@ def _strip_prefixes(state: dict[str, torch.Tensor], prefix_of: str) -> dict[str,
     table = prefix_of + _EMPTY_LABEL_TABLE
     if table in state:
         if state[table].numel():
-            raise CheckpointError("the reference model is class-conditional (num_classes > 0); VolDiT here is not")
+            raise CheckpointError(
+                "the reference model is class-conditional (num_classes > 0); VolDiT here is not"
+            )
         del state[table]
     return state
 

@@ -43,8 +43,12 @@ def classifier_free(
         return denoise
 
     def guided(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        null = unconditional if unconditional is not None else {k: torch.zeros_like(v) for k, v in cond.items()}
-        both = denoise(torch.cat([x, x]), torch.cat([t, t]), **{k: torch.cat([v, null[k]]) for k, v in cond.items()})
+        null = (
+            unconditional if unconditional is not None else {k: torch.zeros_like(v) for k, v in cond.items()}
+        )
+        both = denoise(
+            torch.cat([x, x]), torch.cat([t, t]), **{k: torch.cat([v, null[k]]) for k, v in cond.items()}
+        )
         conditional, uncond = both.chunk(2)
         return uncond + guidance_scale * (conditional - uncond)
 

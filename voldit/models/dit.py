@@ -61,7 +61,9 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
         args = t[:, None].float() * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -98,7 +100,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, control: torch.Tensor | None = None) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+            6, dim=1
+        )
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         if control is not None:
             h = h + self.control_norm(control).to(h.dtype)
@@ -123,7 +127,9 @@ class FinalLayer(nn.Module):
 class PatchEmbed3D(nn.Module):
     """Non-overlapping p x p x p patches of (B, C, D, H, W) -> tokens (B, D/p * H/p * W/p, hidden)."""
 
-    def __init__(self, input_size: Sequence[int], patch_size: int, in_channels: int, hidden_size: int) -> None:
+    def __init__(
+        self, input_size: Sequence[int], patch_size: int, in_channels: int, hidden_size: int
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.grid_size = tuple(s // patch_size for s in input_size)

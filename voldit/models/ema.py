@@ -23,7 +23,9 @@ class EMA:
     def update(self) -> None:
         names = list(self._params)
         torch._foreach_lerp_(
-            [self.shadow[n] for n in names], [self._params[n].detach().float() for n in names], 1.0 - self.decay
+            [self.shadow[n] for n in names],
+            [self._params[n].detach().float() for n in names],
+            1.0 - self.decay,
         )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -32,6 +34,8 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if set(state) != set(self.shadow):
             missing, extra = set(self.shadow) - set(state), set(state) - set(self.shadow)
-            raise KeyError(f"EMA state does not match the model: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}")
+            raise KeyError(
+                f"EMA state does not match the model: missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}"
+            )
         for name, value in state.items():
             self.shadow[name].copy_(value)

@@ -25,7 +25,9 @@ class ConditionEncoder(nn.Module):
     adapter contributes nothing before training.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, channels: Sequence[int] = ENCODER_CHANNELS) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, channels: Sequence[int] = ENCODER_CHANNELS
+    ) -> None:
         super().__init__()
         self.conv_in = _conv(in_channels, channels[0], 1)
         self.blocks = nn.ModuleList()
@@ -66,7 +68,9 @@ class TGCA3D(nn.Module):
         super().__init__()
         depth = len(base_model.blocks)
         if inject_layers is not None and not 1 <= inject_layers <= depth:
-            raise ValueError(f"inject_layers must be null or between 1 and depth {depth}, got {inject_layers}")
+            raise ValueError(
+                f"inject_layers must be null or between 1 and depth {depth}, got {inject_layers}"
+            )
         if not 0 <= finetune_last_n_blocks <= depth:
             raise ValueError(f"finetune_last_n_blocks must be between 0 and depth {depth}")
         if not 0.0 <= condition_dropout_prob < 1.0:
@@ -79,7 +83,9 @@ class TGCA3D(nn.Module):
         self.time_gate = nn.Linear(hidden, 1)
         nn.init.zeros_(self.time_gate.weight)
         nn.init.zeros_(self.time_gate.bias)
-        self.adapter_scales = nn.ParameterList(nn.Parameter(torch.full((1,), 0.1)) for _ in self.inject_layers)
+        self.adapter_scales = nn.ParameterList(
+            nn.Parameter(torch.full((1,), 0.1)) for _ in self.inject_layers
+        )
 
         base_model.requires_grad_(False)
         # A plain list, so the shared modules are not registered (and saved) a second time.

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.losses import JukeboxLoss, PatchAdversarialLoss, PerceptualLoss
-from monai.networks.nets import PatchDiscriminator, VQVAE
+from monai.networks.nets import VQVAE, PatchDiscriminator
 from torch import nn
 
 
@@ -62,7 +62,11 @@ def downsample_factor(downsample_parameters: Sequence[Sequence[int]]) -> int:
 
 
 def build_discriminator(
-    spatial_dims: int = 3, num_channels: int = 64, num_layers_d: int = 3, in_channels: int = 1, out_channels: int = 1
+    spatial_dims: int = 3,
+    num_channels: int = 64,
+    num_layers_d: int = 3,
+    in_channels: int = 1,
+    out_channels: int = 1,
 ) -> PatchDiscriminator:
     return PatchDiscriminator(
         spatial_dims=spatial_dims,

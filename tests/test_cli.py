@@ -1,0 +1,41 @@
+import json
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+from voldit.cli import main
+
+
+def test_info_reports_l4_parameters(capsys):
+    assert main(["info", "configs/transformer/dit_ds8_l4.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "579,185,792" in out and "2,048" in out and "TFLOP" in out
+
+
+def test_info_json_for_tgca_and_vqgan(capsys):
+    assert main(["info", "configs/transformer/dit_ds8_l4.yaml", "configs/tgca/tgca_ds8.yaml", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trainable_parameters"] == 4_424_865
+    assert main(["info", "configs/stage1/vqgan_ds8.yaml", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["total_parameters"] == 95_568_649 and info["latent_shape"] == [8, 64, 64, 32]
+
+
+def test_config_validate_and_show(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dit:\n  params:\n    hidden_size: 100\n")
+    assert main(["config", "validate", "configs/tiny/dit.yaml", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "ok      configs/tiny/dit.yaml" in out and "not divisible by dit.params.num_heads" in out
+    assert main(["config", "show"]) == 0
+    assert "condition_dropout_prob" in capsys.readouterr().out
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "voldit", "info", "configs/tiny/dit.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0 and "trainable parameters" in result.stdout

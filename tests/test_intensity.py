@@ -1,0 +1,27 @@
+import numpy as np
+import torch
+
+from voldit.data.intensity import HU_MAX, HU_MIN, hu_to_unit, unit_to_hu, unit_to_hu_int16
+
+
+def test_window_endpoints_and_clipping():
+    hu = np.array([-3000, -1000, 0, 1000, 3071], dtype=np.int16)
+    np.testing.assert_allclose(hu_to_unit(hu), [-1, -1, 0, 1, 1])
+
+
+def test_exact_round_trip_inside_the_window():
+    hu = torch.arange(HU_MIN, HU_MAX + 1, 1.0)
+    back = unit_to_hu(hu_to_unit(hu))
+    assert torch.max(torch.abs(back - hu)) < 1e-3
+    assert np.array_equal(unit_to_hu_int16(hu_to_unit(hu)), hu.numpy().astype(np.int16))
+
+
+def test_inverse_is_fixed_not_per_image():
+    # An image that uses only part of the range keeps its HU values (the reference rescaled per image).
+    hu = np.array([-200.0, 40.0, 300.0])
+    np.testing.assert_allclose(unit_to_hu(hu_to_unit(hu)), hu, atol=1e-3)
+
+
+def test_output_stays_in_range_and_int16():
+    out = unit_to_hu_int16(torch.tensor([-1.7, 0.25, 1.3]))
+    assert out.dtype == np.int16 and out.tolist() == [-1000, 250, 1000]
