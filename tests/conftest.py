@@ -52,3 +52,11 @@ def tiny_tgca_cfg():
 @pytest.fixture
 def tiny_vqgan_cfg():
     return load_config(CONFIGS / "tiny" / "vqgan.yaml")
+
+
+@pytest.fixture(scope="session")
+def examples():
+    """Real CT volumes with organ label maps (TotalSegmentator examples, CC BY 4.0), cached in .cache/."""
+    from voldit.data.examples import fetch_examples
+
+    return fetch_examples(ROOT / ".cache" / "examples")

@@ -1,0 +1,130 @@
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from voldit.data.manifest import ManifestError, read_manifest
+from voldit.data.nifti import VolumeError, check_same_grid, decode_volume, read_volume, write_volume
+from voldit.data.preprocess import prepare
+
+
+def test_real_ct_decodes_with_geometry(examples):
+    image_path, mask_path = examples["example_ct_sm"]
+    image, mask = read_volume(image_path), read_volume(mask_path)
+    assert image.array.shape == (122, 101, 30) and image.spacing == (3.0, 3.0, 3.0)
+    assert image.array.min() < -1000 < 1000 < image.array.max()  # real HU, beyond the window
+    assert set(np.unique(mask.array)) >= {0, 1, 2, 5}  # organ labels
+    check_same_grid(image, mask, "example")
+    assert np.array_equal(
+        decode_volume(image_path.read_bytes()).array, image.array
+    )  # gzip bytes, as Ray reads
+
+
+def test_eval_preprocessing_windows_and_centre_crops_real_ct(examples):
+    image, mask = (read_volume(p) for p in examples["example_ct"])
+    out = prepare(image, {"mask": mask}, roi_size=(64, 64, 32))
+    assert out["image"].shape == out["mask"].shape == (1, 64, 64, 32)
+    assert out["image"].min() == -1 and out["image"].max() == 1
+    labels = set(out["mask"].unique().tolist())
+    assert (
+        labels <= set(np.unique(mask.array).tolist()) and len(labels) > 3
+    )  # nearest neighbour: no new values
+    # The crop's affine places voxel (0, 0, 0) of the crop at the centre-crop offset of the original.
+    offset = [(s - r) // 2 for s, r in zip(image.array.shape, (64, 64, 32), strict=True)]
+    np.testing.assert_allclose(out["affine"][:3, 3], image.affine[:3, :3] @ offset + image.affine[:3, 3])
+    x, y, z = offset
+    expected = np.clip(image.array[x : x + 64, y : y + 64, z : z + 32], -1000, 1000) / 1000.0
+    np.testing.assert_allclose(out["image"][0].numpy(), expected, atol=1e-6)
+
+
+def test_small_volumes_are_padded_with_air_and_background(examples):
+    image, mask = (read_volume(p) for p in examples["example_ct_sm"])
+    out = prepare(image, {"mask": mask}, roi_size=(128, 128, 40))
+    assert out["image"].shape == (1, 128, 128, 40)
+    assert out["image"][0, :, :, 0].eq(-1).all() and out["mask"][0, :, :, 0].eq(0).all()
+
+
+def test_training_augmentation_is_seeded_and_keeps_image_and_mask_aligned(examples):
+    image, mask = (read_volume(p) for p in examples["example_ct_sm"])
+    a = prepare(image, {"mask": mask}, (64, 64, 16), train=True, seed=5)
+    b = prepare(image, {"mask": mask}, (64, 64, 16), train=True, seed=5)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    crops = {
+        prepare(image, {"mask": mask}, (64, 64, 16), train=True, seed=s)["affine"][:3, 3].tobytes()
+        for s in range(6)
+    }
+    assert len(crops) > 1  # random crops differ between seeds
+    labelled = a["mask"] > 0  # organs are soft tissue, not air: the mask moved with the image
+    assert a["image"][labelled].mean() > -0.3
+
+
+def _nifti_bytes(array, affine=None):
+    return nib.Nifti1Image(array, np.eye(4) if affine is None else affine).to_bytes()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"not a nifti file at all", "not a readable NIfTI"),
+        (
+            gzip.compress(_nifti_bytes(np.arange(4096, dtype=np.int16).reshape(16, 16, 16)))[:2000],
+            "not a readable",
+        ),
+        (_nifti_bytes(np.arange(4096, dtype=np.int16).reshape(16, 16, 16))[:3000], "not a readable NIfTI"),
+        (_nifti_bytes(np.zeros((8, 8), np.float32)), "expected a 3D volume"),
+        (_nifti_bytes(np.zeros((8, 8, 8, 2), np.float32)), "expected a 3D volume"),
+        (_nifti_bytes(np.full((4, 4, 4), np.nan, np.float32)), "NaN"),
+    ],
+    ids=["garbage", "truncated-gz", "truncated", "2d", "4d", "nan"],
+)
+def test_bad_volumes_are_rejected_with_a_reason(data, reason):
+    with pytest.raises(VolumeError, match=reason):
+        decode_volume(data, "row-7")
+
+
+def test_singleton_fourth_axis_and_grid_mismatch():
+    assert decode_volume(_nifti_bytes(np.zeros((4, 5, 6, 1), np.float32))).array.shape == (4, 5, 6)
+    a = decode_volume(_nifti_bytes(np.zeros((4, 4, 4), np.float32)))
+    with pytest.raises(VolumeError, match="mask shape"):
+        check_same_grid(a, decode_volume(_nifti_bytes(np.zeros((4, 4, 5), np.float32))), "r")
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    with pytest.raises(VolumeError, match="mask affine differs"):
+        check_same_grid(a, decode_volume(_nifti_bytes(np.zeros((4, 4, 4), np.float32), shifted)), "r")
+
+
+def test_write_is_atomic_and_round_trips(tmp_path):
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    path = write_volume(tmp_path / "out.nii.gz", np.arange(60, dtype=np.int16).reshape(3, 4, 5), affine)
+    back = read_volume(path)
+    assert np.array_equal(back.array, np.arange(60).reshape(3, 4, 5)) and np.allclose(back.affine, affine)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
+    with pytest.raises(VolumeError, match="cannot be read"):
+        read_volume(tmp_path / "missing.nii.gz")
+
+
+def test_manifest_validation_reports_rows(tmp_path, examples):
+    image, mask = examples["example_ct_sm"]
+    good = tmp_path / "good.csv"
+    good.write_text(f"image,mask\n{image},{mask}\n{examples['example_ct'][0]},{examples['example_ct'][1]}\n")
+    frame = read_manifest(good, ["image", "mask"])
+    assert frame["id"].tolist() == ["example_ct_sm", "example_ct"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"image,mask\n{image},{mask}\n{image},{mask}\n/nope/ct.nii.gz,{mask}\n{image},\n")
+    with pytest.raises(ManifestError) as error:
+        read_manifest(bad, ["image", "mask"])
+    message = str(error.value)
+    assert message.startswith(f"{bad}: 3 problem(s)")
+    assert "row 2: duplicates an earlier row" in message
+    assert "row 3: image /nope/ct.nii.gz does not exist" in message
+    assert "row 4: empty mask" in message
+    with pytest.raises(ManifestError, match=r"missing column\(s\) \['mask'\]"):
+        read_manifest(_only_image(tmp_path, image), ["image", "mask"])
+
+
+def _only_image(tmp_path, image):
+    path = tmp_path / "img.csv"
+    path.write_text(f"image\n{image}\n")
+    return path
