@@ -60,3 +60,27 @@ def examples():
     from voldit.data.examples import fetch_examples
 
     return fetch_examples(ROOT / ".cache" / "examples")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (4 logical CPUs so train workers and data steps fit)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_vqgan_checkpoint(tmp_path_factory):
+    """An untrained tiny VQ-GAN checkpoint: a real model, deterministic, for encode and decode tests."""
+    from voldit.builders import build_vqgan
+    from voldit.checkpoint import save_checkpoint
+
+    cfg = load_config(CONFIGS / "tiny" / "vqgan.yaml")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vqgan") / "vqgan"
+    return save_checkpoint(
+        path, config=cfg, stage="vqgan", model=build_vqgan(cfg).state_dict(), meta={"step": 0}
+    )

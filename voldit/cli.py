@@ -124,6 +124,51 @@ def _import_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("encode")
+def _encode(args: argparse.Namespace) -> int:
+    from voldit.distributed.encode import ERRORS_FILE, encode
+
+    summary = encode(
+        args.csv,
+        args.vqgan,
+        args.output,
+        condition_keys=args.condition_keys,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        address=args.address,
+    )
+    print(
+        f"{summary.total} rows: {summary.encoded} encoded, {summary.skipped} already done, "
+        f"{len(summary.failed)} failed"
+    )
+    if summary.info is not None:
+        print(
+            f"latents in {args.output}: {summary.info.rows} rows of {summary.info.latent_shape}, "
+            f"scale factor {summary.info.scale_factor:.4f} (stored in dataset.json)"
+        )
+    if summary.failed:
+        for row in summary.failed[:10]:
+            print(f"  failed {row['id']}: {row['reason']}", file=sys.stderr)
+        print(
+            f"voldit encode: {len(summary.failed)} row(s) failed; see {args.output}/{ERRORS_FILE}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+@command("scale-factor")
+def _scale_factor(args: argparse.Namespace) -> int:
+    from voldit.data.latents import load_info, rescale_from_tensors
+
+    info = rescale_from_tensors(args.latents, args.limit) if args.recompute else load_info(args.latents)
+    print(
+        f"scale_factor {info.scale_factor:.6f} (latent std {info.latent_std:.6f}, mean {info.latent_mean:.6f})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voldit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -161,11 +206,52 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="latent scale factor the VolDiT was trained with (the authors' --scale_factor)",
     )
+
+    enc = verbs.add_parser(
+        "encode", help="encode a CSV of CT volumes (and masks) into a latent dataset with Ray Data"
+    )
+    enc.add_argument(
+        "--csv", required=True, help="manifest with an `image` column (and one per condition key)"
+    )
+    enc.add_argument(
+        "--vqgan", "--vqvae_ckpt", dest="vqgan", required=True, help="VQ-GAN checkpoint directory"
+    )
+    enc.add_argument("--output", "--output_dir", dest="output", required=True, help="latent dataset folder")
+    enc.add_argument(
+        "--condition-keys",
+        "--condition_keys",
+        dest="condition_keys",
+        nargs="*",
+        default=[],
+        help="mask columns to preprocess and store beside the latents, for TGCA",
+    )
+    enc.add_argument(
+        "--batch-size",
+        "--batch_size",
+        dest="batch_size",
+        type=int,
+        default=1,
+        help="volumes per encoder call (and per parquet part)",
+    )
+    enc.add_argument("--workers", type=int, default=1, help="encoder actors at most")
+    enc.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per encoder actor (0: CPU)")
+    enc.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)"
+    )
+
+    scale = verbs.add_parser(
+        "scale-factor", help="show, or recompute from the tensors, a latent dataset's scale factor"
+    )
+    scale.add_argument("latents", help="latent dataset folder")
+    scale.add_argument("--recompute", action="store_true", help="recompute from the stored latents")
+    scale.add_argument("--limit", type=int, default=None, help="with --recompute: use only the first N rows")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from voldit.checkpoint import CheckpointError
+    from voldit.data.latents import LatentDatasetError
+    from voldit.data.manifest import ManifestError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -174,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.verb + (f" {args.config_verb}" if args.verb == "config" else "")
     try:
         return _COMMANDS[name](args)
-    except (ConfigError, CheckpointError) as error:
+    except (ConfigError, CheckpointError, ManifestError, LatentDatasetError) as error:
         print(f"voldit {name}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,207 @@
+"""Latent datasets: a folder of parquet parts (tensor columns) plus ``dataset.json``.
+
+Each part is written whole under a temporary name and renamed, so a row is either committed in exactly
+one part or absent; a re-run encodes only the absent rows. Parts carry the running sums of their latent
+values in their schema metadata, so the dataset's scale factor (1 / std of all latent values) is
+computed from every part without reading a tensor twice.
+
+Columns: ``id``, ``image`` (source path), ``latent`` (float32 [C, D, H, W]), ``affine`` (the crop's
+4 x 4 voxel-to-world matrix, row-major), and per condition key ``<key>`` (int16 [1, X, Y, Z],
+preprocessed at image resolution) with ``<key>_path``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+INFO_FILE = "dataset.json"
+PART_GLOB = "part-*.parquet"
+_STATS_KEY = b"voldit.latent_stats"
+
+
+class LatentDatasetError(RuntimeError):
+    """A latent folder that is missing, incomplete, or does not fit what is asked of it."""
+
+
+@dataclass
+class LatentDatasetInfo:
+    """What training and sampling need to know about a latent dataset, stored beside it."""
+
+    rows: int
+    latent_shape: list[int]
+    scale_factor: float
+    latent_mean: float
+    latent_std: float
+    roi_size: list[int]
+    condition_keys: list[str] = field(default_factory=list)
+    vqgan_checkpoint: str = ""
+    labels: dict[str, list[int]] = field(default_factory=dict)  # label values seen per condition key
+    created: str = ""
+    format: int = 1
+
+
+def _tensor_column(arrays: Sequence[np.ndarray], dtype) -> pa.Array:
+    # C order always: numpy keeps a transposed input's layout, which arrow would record as a permutation.
+    stacked = np.ascontiguousarray(np.stack([np.asarray(a, dtype=dtype) for a in arrays]))
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
+
+
+def write_part(folder: str | Path, rows: list[dict], condition_keys: Sequence[str] = ()) -> Path:
+    """Write rows ({id, image, latent, affine, <key>, <key>_path}) as one new part, atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    latents = np.stack([np.asarray(r["latent"], dtype=np.float32) for r in rows])
+    columns = {
+        "id": pa.array([r["id"] for r in rows], pa.string()),
+        "image": pa.array([r["image"] for r in rows], pa.string()),
+        "latent": _tensor_column(latents, np.float32),
+        "affine": pa.array(
+            [np.asarray(r["affine"], np.float64).reshape(-1).tolist() for r in rows],
+            pa.list_(pa.float64(), 16),
+        ),
+    }
+    labels = {}
+    for key in condition_keys:
+        columns[key] = _tensor_column([r[key] for r in rows], np.int16)
+        columns[f"{key}_path"] = pa.array([r[f"{key}_path"] for r in rows], pa.string())
+        labels[key] = sorted({int(v) for r in rows for v in np.unique(r[key])})
+    stats = {
+        "count": int(latents.size),
+        "sum": float(latents.sum(dtype=np.float64)),
+        "sumsq": float(np.square(latents, dtype=np.float64).sum()),
+        "labels": labels,
+    }
+    table = pa.table(columns).replace_schema_metadata({_STATS_KEY: json.dumps(stats).encode()})
+    name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+    tmp = folder / f".{name}.tmp"
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, folder / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return folder / name
+
+
+def parts(folder: str | Path) -> list[Path]:
+    return sorted(Path(folder).glob(PART_GLOB))
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete half-written parts left by a killed run; returns how many."""
+    stale = list(Path(folder).glob(".part-*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
+def committed_ids(folder: str | Path) -> set[str]:
+    """Ids of every row already written to a part."""
+    ids: set[str] = set()
+    for part in parts(folder):
+        ids.update(pq.read_table(part, columns=["id"])["id"].to_pylist())
+    return ids
+
+
+def summarise(
+    folder: str | Path, roi_size: Sequence[int], condition_keys: Sequence[str], vqgan_checkpoint: str
+) -> LatentDatasetInfo:
+    """Combine every part's statistics into the dataset's info (and scale factor) and store it."""
+    found = parts(folder)
+    if not found:
+        raise LatentDatasetError(f"{folder} holds no latent parts: nothing was encoded")
+    count = total = squares = 0.0
+    rows = 0
+    labels: dict[str, set[int]] = {k: set() for k in condition_keys}
+    shape = None
+    for part in found:
+        meta = pq.read_schema(part)
+        stats = json.loads(meta.metadata[_STATS_KEY])
+        count, total, squares = count + stats["count"], total + stats["sum"], squares + stats["sumsq"]
+        for key, values in stats.get("labels", {}).items():
+            labels.setdefault(key, set()).update(values)
+        rows += pq.read_metadata(part).num_rows
+        shape = list(meta.field("latent").type.shape)
+    mean = total / count
+    std = math.sqrt(max(squares / count - mean**2, 0.0))
+    if std == 0:
+        raise LatentDatasetError(f"{folder}: every latent value is {mean}; the VQ-GAN output is constant")
+    info = LatentDatasetInfo(
+        rows=rows,
+        latent_shape=shape,
+        scale_factor=1.0 / std,
+        latent_mean=mean,
+        latent_std=std,
+        roi_size=list(roi_size),
+        condition_keys=list(condition_keys),
+        vqgan_checkpoint=str(vqgan_checkpoint),
+        labels={k: sorted(v) for k, v in labels.items()},
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    tmp = Path(folder) / f".{INFO_FILE}.tmp"
+    tmp.write_text(json.dumps(asdict(info), indent=2))
+    os.replace(tmp, Path(folder) / INFO_FILE)
+    return info
+
+
+def load_info(folder: str | Path) -> LatentDatasetInfo:
+    path = Path(folder) / INFO_FILE
+    if not path.is_file():
+        raise LatentDatasetError(
+            f"{folder} is not a finished latent dataset ({INFO_FILE} is missing); run `voldit encode` into it"
+        )
+    return LatentDatasetInfo(**json.loads(path.read_text()))
+
+
+def read_latents(
+    folder: str | Path, columns: Sequence[str] = ("id", "latent"), limit: int | None = None
+) -> dict:
+    """Read columns of a latent folder into numpy (tensor columns as stacked arrays), for small data."""
+    tables = []
+    n = 0
+    for part in parts(folder):
+        table = pq.read_table(part, columns=list(columns))
+        tables.append(table)
+        n += table.num_rows
+        if limit is not None and n >= limit:
+            break
+    if not tables:
+        raise LatentDatasetError(f"{folder} holds no latent parts")
+    table = pa.concat_tables(tables)
+    if limit is not None:
+        table = table.slice(0, limit)
+    out = {}
+    for name in columns:
+        column = table[name].combine_chunks()
+        out[name] = (
+            column.to_numpy_ndarray()
+            if isinstance(column.type, pa.FixedShapeTensorType)
+            else column.to_pylist()
+        )
+    return out
+
+
+def rescale_from_tensors(folder: str | Path, limit: int | None = None) -> LatentDatasetInfo:
+    """Recompute the scale factor from the stored latents themselves (the first ``limit`` rows, or all)
+    and store it in the dataset's info; the seed's compute_scale_factor, without pasting the result."""
+    info = load_info(folder)
+    latents = read_latents(folder, ["latent"], limit)["latent"].astype(np.float64)
+    info.latent_mean, info.latent_std = float(latents.mean()), float(latents.std())
+    if info.latent_std == 0:
+        raise LatentDatasetError(f"{folder}: the latents are constant; no scale factor exists")
+    info.scale_factor = 1.0 / info.latent_std
+    tmp = Path(folder) / f".{INFO_FILE}.tmp"
+    tmp.write_text(json.dumps(asdict(info), indent=2))
+    os.replace(tmp, Path(folder) / INFO_FILE)
+    return info

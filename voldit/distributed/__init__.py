@@ -1,0 +1,1 @@
+"""The Ray layer: the only package that imports ray. Thin glue around the Ray-free library."""

@@ -1,0 +1,111 @@
+"""`voldit encode`: a Ray Data pipeline of encoder actors over a manifest, resumable and idempotent."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import ray
+from tqdm.auto import tqdm
+
+from voldit.checkpoint import load_checkpoint
+from voldit.data.latents import LatentDatasetInfo, committed_ids, remove_stale_temporaries, summarise
+from voldit.data.manifest import read_manifest
+from voldit.distributed.runtime import ensure_ray
+from voldit.encode import Encoder
+
+log = logging.getLogger(__name__)
+
+ERRORS_FILE = "errors.csv"
+
+
+@dataclass
+class EncodeSummary:
+    total: int
+    skipped: int
+    encoded: int
+    failed: list[dict] = field(default_factory=list)
+    info: LatentDatasetInfo | None = None
+
+
+def encode(
+    csv: str | Path,
+    vqgan: str | Path,
+    output: str | Path,
+    condition_keys: Sequence[str] = (),
+    batch_size: int = 1,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    address: str | None = None,
+    progress: bool = True,
+) -> EncodeSummary:
+    """Encode every manifest row not yet in ``output``; record unreadable rows in ``output/errors.csv``.
+
+    Rows travel as paths; each encoder actor loads the VQ-GAN once, reads its rows' files, and commits
+    each batch as one parquet part. The scale factor is then computed over all parts.
+    """
+    output = Path(output)
+    vq = load_checkpoint(vqgan, stage="vqgan")  # fail before any work if the checkpoint is wrong
+    roi_size = list(vq.config.training.roi_size)
+    frame = read_manifest(csv, ["image", *condition_keys], check_files=False)
+    output.mkdir(parents=True, exist_ok=True)
+    if removed := remove_stale_temporaries(output):
+        log.info("removed %d half-written part(s) from an interrupted run", removed)
+    done = committed_ids(output)
+    todo = frame[~frame["id"].isin(done)]
+    summary = EncodeSummary(total=len(frame), skipped=len(frame) - len(todo), encoded=0)
+    log.info("%d rows in %s: %d already encoded, %d to do", len(frame), csv, summary.skipped, len(todo))
+    if len(todo):
+        summary.failed = _run(
+            todo,
+            vqgan,
+            output,
+            condition_keys,
+            roi_size,
+            batch_size,
+            workers,
+            gpus_per_worker,
+            address,
+            progress,
+        )
+        summary.encoded = len(todo) - len(summary.failed)
+    errors = output / ERRORS_FILE
+    if summary.failed:
+        pd.DataFrame(summary.failed).to_csv(errors.with_suffix(".tmp"), index=False)
+        os.replace(errors.with_suffix(".tmp"), errors)
+    else:
+        errors.unlink(missing_ok=True)
+    if summary.encoded or summary.skipped:
+        summary.info = summarise(output, roi_size, condition_keys, str(Path(vqgan).resolve()))
+    return summary
+
+
+def _run(todo, vqgan, output, condition_keys, roi_size, batch_size, workers, gpus, address, progress):
+    ensure_ray(address)
+    records = todo[["id", "image", *condition_keys]].to_dict("records")
+    dataset = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), 1000)))
+    statuses = dataset.map_batches(
+        Encoder,
+        fn_constructor_kwargs=dict(
+            vqgan_checkpoint=str(Path(vqgan).resolve()),
+            output=str(output.resolve()),
+            condition_keys=list(condition_keys),
+            roi_size=roi_size,
+        ),
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)),
+        num_gpus=gpus,
+        num_cpus=1,
+    )
+    failed = []
+    with tqdm(total=len(records), desc="encode", unit="vol", disable=not progress) as bar:
+        for row in statuses.iter_rows():
+            if row["error"]:
+                failed.append({"id": row["id"], "path": row["image"], "reason": row["error"]})
+            bar.update(1)
+            bar.set_postfix(failed=len(failed), s_per_vol=f"{row['seconds']:.2f}")
+    return failed

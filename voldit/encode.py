@@ -1,0 +1,92 @@
+"""Encoding CT (and masks) into latents: one callable that reads, preprocesses, encodes and writes a part.
+
+It knows nothing of Ray: Ray Data runs it as an actor (one model load per actor), tests call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from voldit.builders import model_from_checkpoint
+from voldit.checkpoint import load_checkpoint
+from voldit.data.latents import write_part
+from voldit.data.nifti import VolumeError, check_same_grid, read_volume
+from voldit.data.preprocess import prepare
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Encoder:
+    """Batch of manifest rows {id, image, <key>...} -> one committed part; returns one status per row.
+
+    Rows that cannot be read (missing, corrupt, not 3D, NaN, mask on another grid) are reported with
+    their reason and left out of the part; the others are still encoded.
+    """
+
+    def __init__(
+        self,
+        vqgan_checkpoint: str | Path,
+        output: str | Path,
+        condition_keys: Sequence[str] = (),
+        roi_size: Sequence[int] | None = None,
+        device: str | None = None,
+    ) -> None:
+        ckpt = load_checkpoint(vqgan_checkpoint, stage="vqgan")
+        self.device = torch.device(device) if device else default_device()
+        self.model = model_from_checkpoint(ckpt).to(self.device)
+        self.roi_size = list(roi_size or ckpt.config.training.roi_size)
+        self.output = Path(output)
+        self.condition_keys = list(condition_keys)
+
+    def _load(self, row: dict) -> dict:
+        image = read_volume(row["image"])
+        masks = {}
+        for key in self.condition_keys:
+            masks[key] = read_volume(row[key], dtype=np.float32)
+            check_same_grid(image, masks[key], f"{row['id']}: {key}")
+        prepared = prepare(image, masks, self.roi_size, train=False)
+        out = {
+            "id": row["id"],
+            "image": row["image"],
+            "tensor": prepared["image"],
+            "affine": prepared["affine"],
+        }
+        for key in self.condition_keys:
+            out[key] = prepared[key].round().to(torch.int16).numpy()
+            out[f"{key}_path"] = row[key]
+        return out
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        start = time.perf_counter()
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        status = {r["id"]: "" for r in rows}
+        loaded = []
+        for row in rows:
+            try:
+                loaded.append(self._load(row))
+            except VolumeError as error:
+                status[row["id"]] = str(error)
+        if loaded:
+            images = torch.stack([r.pop("tensor") for r in loaded]).to(self.device)  # (B, 1, X, Y, Z)
+            latents = self.model.encode_stage_2_inputs(images).float().cpu().numpy()
+            for row, latent in zip(loaded, latents, strict=True):
+                row["latent"] = latent
+            write_part(self.output, loaded, self.condition_keys)
+        seconds = (time.perf_counter() - start) / len(rows)
+        return {
+            "id": [r["id"] for r in rows],
+            "image": [r["image"] for r in rows],
+            "error": [status[r["id"]] for r in rows],
+            "seconds": [seconds] * len(rows),
+        }
