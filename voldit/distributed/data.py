@@ -1,0 +1,58 @@
+"""Ray Data sources: NIfTI volumes (paths through the dataset, decoded late, one volume per row) and
+parquet latents (tensor columns)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import ray
+
+from voldit.data.latents import PART_GLOB, LatentDatasetError, parts
+from voldit.data.nifti import check_same_grid, decode_volume
+from voldit.data.preprocess import prepare
+
+
+class VolumeLoader:
+    """Row {id, image, <key>...} of paths -> preprocessed {id, image (1, *roi) float32, <key>..., affine}."""
+
+    def __init__(self, roi_size: Sequence[int], train: bool, mask_keys: Sequence[str] = ()) -> None:
+        self.roi_size, self.train, self.mask_keys = list(roi_size), train, list(mask_keys)
+
+    def __call__(self, row: dict) -> dict:
+        image = decode_volume(Path(row["image"]).read_bytes(), row["image"])
+        masks = {}
+        for key in self.mask_keys:
+            masks[key] = decode_volume(Path(row[key]).read_bytes(), row[key])
+            check_same_grid(image, masks[key], f"{row['id']}: {key}")
+        out = prepare(image, masks, self.roi_size, train=self.train)
+        result = {"id": row["id"], "image": out["image"].numpy(), "affine": out["affine"]}
+        for key in self.mask_keys:
+            result[key] = out[key].numpy()
+        return result
+
+
+def volume_dataset(
+    frame: pd.DataFrame,
+    roi_size: Sequence[int],
+    train: bool,
+    mask_keys: Sequence[str] = (),
+    rows_per_task: int = 1,
+) -> ray.data.Dataset:
+    """A dataset of preprocessed volumes from a manifest; files are read and decoded in the map step, so
+    blocks hold paths until a volume is needed, and one volume per row.
+
+    ``rows_per_task`` > 1 amortises Ray's per-task cost for small volumes; keep 1 for full-size CT.
+    """
+    records = frame[["id", "image", *mask_keys]].to_dict("records")
+    dataset = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // rows_per_task)))
+    return dataset.map(VolumeLoader(roi_size, train, mask_keys))
+
+
+def latent_dataset(folder: str | Path, columns: Sequence[str] = ("latent",)) -> ray.data.Dataset:
+    """The committed parquet parts of a latent folder (half-written temporaries are never read)."""
+    found = parts(folder)
+    if not found:
+        raise LatentDatasetError(f"{folder} holds no latent parts ({PART_GLOB}); run `voldit encode` first")
+    return ray.data.read_parquet([str(p) for p in found], columns=list(columns))
