@@ -84,3 +84,75 @@ def tiny_vqgan_checkpoint(tmp_path_factory):
     return save_checkpoint(
         path, config=cfg, stage="vqgan", model=build_vqgan(cfg).state_dict(), meta={"step": 0}
     )
+
+
+def write_crops(examples, folder, count=12):
+    """Real CT crops (64x64x32, with their organ masks) cut from the example CT: a handful of training
+    volumes of the tiny configs' size. Returns the manifest rows (image, mask)."""
+    import nibabel as nib
+    import numpy as np
+
+    image_path, mask_path = examples["example_ct"]
+    image, mask = nib.load(image_path), nib.load(mask_path)
+    a, m = np.asarray(image.dataobj), np.asarray(mask.dataobj)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    offsets = [(x, y, z) for x in (0, 29, 58) for y in (0, 37) for z in (0, 40, 80)][:count]
+    for k, (x, y, z) in enumerate(offsets):
+        affine = image.affine.copy()
+        affine[:3, 3] = image.affine[:3, :3] @ [x, y, z] + image.affine[:3, 3]
+        ct, seg = folder / f"ct_{k:02d}.nii.gz", folder / f"seg_{k:02d}.nii.gz"
+        nib.save(nib.Nifti1Image(a[x : x + 64, y : y + 64, z : z + 32], affine), ct)
+        nib.save(nib.Nifti1Image(m[x : x + 64, y : y + 64, z : z + 32].astype(np.uint8), affine), seg)
+        rows.append((ct, seg))
+    return rows
+
+
+def write_csv(path, rows, header="image,mask"):
+    path.write_text(header + "\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def crops(examples, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("crops")
+    rows = write_crops(examples, folder)
+    return {
+        "train": write_csv(folder / "train.csv", rows[:10]),
+        "val": write_csv(folder / "val.csv", rows[10:]),
+        "rows": rows,
+    }
+
+
+@pytest.fixture(scope="session")
+def crop_latents(crops, tmp_path_factory):
+    """Latents (+ masks) of the real CT crops, encoded in-process with a VQ-GAN given random weights
+    of larger spread, so that different crops give different codes."""
+    import numpy as np
+
+    from voldit.builders import build_vqgan
+    from voldit.checkpoint import save_checkpoint
+    from voldit.data.latents import summarise
+    from voldit.encode import Encoder
+
+    cfg = load_config(CONFIGS / "tiny" / "vqgan.yaml")
+    root = tmp_path_factory.mktemp("latents")
+    vq = build_vqgan(cfg)
+    randomize(vq, seed=1, std=0.2)
+    vq_path = save_checkpoint(root / "vqgan", config=cfg, stage="vqgan", model=vq.state_dict())
+    encoder = Encoder(vq_path, root / "train", ["mask"])
+    out = {"vqgan": vq_path}
+    for split, rows in (("train", crops["rows"][:10]), ("val", crops["rows"][10:])):
+        encoder.output = root / split
+        for start in range(0, len(rows), 4):
+            chunk = rows[start : start + 4]
+            encoder(
+                {
+                    "id": np.array([Path(r[0]).name.split(".")[0] for r in chunk]),
+                    "image": np.array([str(r[0]) for r in chunk]),
+                    "mask": np.array([str(r[1]) for r in chunk]),
+                }
+            )
+        summarise(root / split, [64, 64, 32], ["mask"], str(vq_path))
+        out[split] = root / split
+    return out

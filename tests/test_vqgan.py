@@ -43,3 +43,16 @@ def test_generator_and_discriminator_losses(tiny_vqgan_cfg):
 def test_perceptual_loss_offline_fails_with_a_fix():
     with pytest.raises(PerceptualUnavailable, match="set stage1.perceptual_weight: 0"):
         VQGANLoss(perceptual_weight=0.005, perceptual_params={"spatial_dims": 3, "network_type": "squeeze"})
+
+
+def test_codebook_starts_on_the_data(tiny_vqgan_cfg):
+    from voldit.models.vqgan import init_codebook
+
+    torch.manual_seed(0)
+    vq = build_vqgan(tiny_vqgan_cfg)
+    x = torch.rand(2, 1, 64, 64, 32) * 2 - 1
+    assert vq.index_quantize(x).unique().numel() <= 2  # a fresh codebook: everything in one or two codes
+    init_codebook(vq, x, torch.Generator().manual_seed(0))
+    q = vq.quantizer.quantizer
+    assert torch.equal(q.embedding.weight, q.ema_w) and q.ema_cluster_size.eq(1).all()
+    assert vq.index_quantize(x).unique().numel() > 50

@@ -158,6 +158,43 @@ def _encode(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("train")
+def _train(args: argparse.Namespace) -> int:
+    from voldit.distributed.train import train
+    from voldit.training.context import TrainingError
+
+    files = [c for c in args.config if "=" not in c]
+    overrides = [c for c in args.config if "=" in c] + args.set
+    cfg = load_config(*files, overrides=overrides)
+    try:
+        result = train(
+            cfg,
+            args.stage,
+            args.train,
+            args.val,
+            dit=args.dit,
+            vqgan=args.vqgan,
+            name=args.name,
+            storage=args.storage,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            max_failures=args.max_failures,
+            address=args.address,
+        )
+    except TrainingError as error:
+        print(f"voldit train: error: {error}", file=sys.stderr)
+        return 1
+    print(
+        f"trained {args.stage} to epoch {result.metrics.get('epoch')}, step {result.metrics.get('step')}; "
+        f"validation loss {result.metrics.get('val_loss')}"
+    )
+    print(
+        f"checkpoints: {result.run_dir / 'checkpoints'} (latest, best, epoch_NNNN); "
+        f"TensorBoard: tensorboard --logdir {result.run_dir / 'tensorboard'}"
+    )
+    return 0
+
+
 @command("scale-factor")
 def _scale_factor(args: argparse.Namespace) -> int:
     from voldit.data.latents import load_info, rescale_from_tensors
@@ -239,6 +276,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)"
     )
 
+    tr = verbs.add_parser("train", help="train the VQ-GAN, VolDiT or TGCA with Ray Train (DDP)")
+    tr.add_argument("config", nargs="+", help="config YAML(s), then any section.key=value overrides")
+    tr.add_argument("--stage", required=True, choices=["vqgan", "dit", "tgca"])
+    tr.add_argument(
+        "--train",
+        "--training_ids",
+        dest="train",
+        required=True,
+        help="vqgan: image CSV; dit/tgca: latent folder from `voldit encode` (or an image CSV with --vqgan)",
+    )
+    tr.add_argument("--val", "--validation_ids", dest="val", default=None, help="validation data, as --train")
+    tr.add_argument(
+        "--dit", "--dit_ckpt", dest="dit", default=None, help="tgca: the VolDiT checkpoint to adapt"
+    )
+    tr.add_argument(
+        "--vqgan",
+        "--vqvae_ckpt",
+        dest="vqgan",
+        default=None,
+        help="dit: encode images online with this frozen VQ-GAN (the seed's --no_precomputed_latents)",
+    )
+    tr.add_argument(
+        "--name",
+        "--run_name",
+        dest="name",
+        default=None,
+        help="run name; re-running with the same name resumes (default: the stage)",
+    )
+    tr.add_argument(
+        "--storage", "--output_dir", dest="storage", default="outputs", help="where runs are kept"
+    )
+    tr.add_argument("--workers", type=int, default=1, help="DDP workers (0: in this process)")
+    tr.add_argument("--gpus-per-worker", type=float, default=0.0)
+    tr.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from")
+    tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
+    tr.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+
     scale = verbs.add_parser(
         "scale-factor", help="show, or recompute from the tensors, a latent dataset's scale factor"
     )
@@ -258,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
     name = args.verb + (f" {args.config_verb}" if args.verb == "config" else "")
+    if args.verb == "train" and args.name is None:
+        args.name = args.stage
     try:
         return _COMMANDS[name](args)
     except (ConfigError, CheckpointError, ManifestError, LatentDatasetError) as error:

@@ -138,6 +138,10 @@ class Training:
     use_ema: bool = True
     ema_decay: float = 0.9999
     grad_clip: float = 1.0
+    checkpoint_freq: int | None = None  # epochs between periodic checkpoints; null: eval_freq
+    log_every_n_steps: int = 10  # metrics to TensorBoard and the progress line
+    shuffle_buffer: int = 16  # rows in each worker's local shuffle buffer
+    max_steps: int | None = None  # stop early after this many optimiser steps (smoke tests, sweeps)
     mixed_precision: str = "bf16"  # bf16 | fp16 | no; only used on GPU
     seed: int = 0
     # Seed keys. condition_dropout duplicates tgca.params.condition_dropout_prob (it may only repeat it);

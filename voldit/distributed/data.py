@@ -50,9 +50,18 @@ def volume_dataset(
     return dataset.map(VolumeLoader(roi_size, train, mask_keys))
 
 
+MATERIALIZE_BELOW = 1 << 30  # bytes of parquet: smaller latent sets are read once and kept in memory
+
+
 def latent_dataset(folder: str | Path, columns: Sequence[str] = ("latent",)) -> ray.data.Dataset:
-    """The committed parquet parts of a latent folder (half-written temporaries are never read)."""
+    """The committed parquet parts of a latent folder (half-written temporaries are never read).
+
+    Sets under MATERIALIZE_BELOW bytes are materialised, so epochs after the first skip the parquet read.
+    """
     found = parts(folder)
     if not found:
         raise LatentDatasetError(f"{folder} holds no latent parts ({PART_GLOB}); run `voldit encode` first")
-    return ray.data.read_parquet([str(p) for p in found], columns=list(columns))
+    dataset = ray.data.read_parquet([str(p) for p in found], columns=list(columns))
+    if sum(p.stat().st_size for p in found) < MATERIALIZE_BELOW:
+        dataset = dataset.materialize()
+    return dataset

@@ -20,7 +20,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     kwargs = {"num_cpus": num_cpus} if address == "local" and num_cpus else {}
-    ray.init(address=address, log_to_driver=False, **kwargs)
+    ray.init(address=address, log_to_driver=True, **kwargs)
     logging.getLogger("ray.data").setLevel(
         logging.WARNING
     )  # per-stage INFO lines would drown the progress line

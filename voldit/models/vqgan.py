@@ -150,3 +150,33 @@ class VQGANLoss(nn.Module):
             self.adversarial(fake, target_is_real=False, for_discriminator=True)
             + self.adversarial(real, target_is_real=True, for_discriminator=True)
         )
+
+
+@torch.no_grad()
+def init_codebook(
+    vqvae: VQVAE, images: torch.Tensor, generator: torch.Generator | None = None, max_vectors: int = 65536
+) -> None:
+    """Seed the codebook on encoder outputs of ``images`` (B, 1, X, Y, Z) by k-means++ (D^2) sampling.
+
+    A freshly built codebook (unit-normal entries) sits far from the encoder's outputs (spread ~0.02),
+    so every vector maps to the same one or two codes and the decoder learns nothing. Codes drawn on the
+    data, spread by k-means++ so that rare tissue gets codes as well as air, stay in use from the start.
+    """
+    quantizer = vqvae.quantizer.quantizer
+    vectors = vqvae.encode(images).float().movedim(1, -1).reshape(-1, quantizer.embedding_dim)
+    device = generator.device if generator is not None else vectors.device
+    if vectors.shape[0] > max_vectors:
+        keep = torch.randperm(vectors.shape[0], generator=generator, device=device)[:max_vectors]
+        vectors = vectors[keep.to(vectors.device)]
+    first = torch.randint(0, vectors.shape[0], (1,), generator=generator, device=device).to(vectors.device)
+    codes = [vectors[first]]
+    nearest = (vectors - codes[0]).square().sum(1)
+    for _ in range(quantizer.num_embeddings - 1):
+        weights = nearest.to(device) if nearest.sum() > 0 else torch.ones_like(nearest, device=device)
+        pick = torch.multinomial(weights, 1, generator=generator).to(vectors.device)
+        codes.append(vectors[pick])
+        nearest = torch.minimum(nearest, (vectors - codes[-1]).square().sum(1))
+    codes = torch.cat(codes)
+    quantizer.embedding.weight.copy_(codes)
+    quantizer.ema_w.copy_(codes)
+    quantizer.ema_cluster_size.fill_(1.0)

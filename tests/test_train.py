@@ -1,0 +1,234 @@
+"""Training: the shared loop through Ray Train, in-process (num_workers=0) and with real workers."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import CONFIGS
+from voldit.builders import model_from_checkpoint
+from voldit.checkpoint import load_checkpoint
+from voldit.config import ConfigError, load_config
+from voldit.data.latents import load_info
+from voldit.training.context import TrainingError
+
+TINY_DIT = CONFIGS / "tiny" / "dit.yaml"
+TINY_TGCA = CONFIGS / "tiny" / "tgca.yaml"
+QUIET = ["training.log_every_n_steps=1000"]
+
+
+def _train(cfg, stage, data, storage, name, workers=0, **kwargs):
+    from voldit.distributed.train import train
+
+    return train(
+        cfg,
+        stage,
+        str(data["train"]),
+        str(data["val"]) if "val" in data else None,
+        name=name,
+        storage=str(storage),
+        workers=workers,
+        **kwargs,
+    )
+
+
+def _same(a, b, name="model"):
+    wa, wb = (load_file(p / f"{name}.safetensors") for p in (a, b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def dit_run(crop_latents, tmp_path_factory, ray_session):
+    storage = tmp_path_factory.mktemp("runs")
+    cfg = load_config(TINY_DIT, overrides=["training.n_epochs=2", "training.eval_freq=1", *QUIET])
+    return _train(cfg, "dit", crop_latents, storage, "dit")
+
+
+def test_in_process_dit_run_leaves_self_describing_checkpoints(dit_run, crop_latents):
+    names = sorted(p.name for p in (dit_run.run_dir / "checkpoints").iterdir())
+    assert names == ["best", "epoch_0001", "epoch_0002", "latest"]
+    ckpt = load_checkpoint(dit_run.latest, stage="dit")
+    assert ckpt.meta["epoch"] == 2 and ckpt.meta["step"] == 10  # 10 crops, batch 2, drop_last
+    assert ckpt.meta["scale_factor"] == load_info(crop_latents["train"]).scale_factor  # nobody typed it
+    assert ckpt.meta["latent_shape"] == [8, 8, 8, 4]
+    assert math.isfinite(dit_run.metrics["val_loss"])
+    model_from_checkpoint(ckpt)  # rebuilds from the directory alone
+    assert list((dit_run.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(crop_latents, tmp_path, ray_session):
+    def cfg(epochs):
+        return load_config(
+            TINY_DIT,
+            overrides=[
+                f"training.n_epochs={epochs}",
+                "training.eval_freq=2",
+                "dit.params.dropout=0.1",
+                *QUIET,
+            ],
+        )
+
+    _train(cfg(2), "dit", crop_latents, tmp_path, "stopped")
+    resumed = _train(cfg(4), "dit", crop_latents, tmp_path, "stopped")  # same name: resumes at epoch 2
+    straight = _train(cfg(4), "dit", crop_latents, tmp_path, "straight")
+    assert resumed.metrics["step"] == straight.metrics["step"] == 20
+    for name in ("model", "ema"):
+        assert _same(resumed.latest, straight.latest, name), name
+    assert resumed.metrics["val_loss"] == straight.metrics["val_loss"]
+
+
+def test_tgca_trains_only_the_adapter_of_the_frozen_checkpoint(dit_run, crop_latents, tmp_path, ray_session):
+    cfg = load_config(TINY_TGCA, overrides=["training.n_epochs=1", *QUIET])
+    result = _train(cfg, "tgca", crop_latents, tmp_path, "tgca", dit=str(dit_run.best))
+    ckpt = load_checkpoint(result.latest, stage="tgca")
+    assert ckpt.config.dit.params.hidden_size == 64  # architecture taken from the VolDiT checkpoint
+    assert ckpt.meta["scale_factor"] == load_checkpoint(dit_run.best).meta["scale_factor"]
+    base = load_checkpoint(dit_run.best).model_state(use_ema=True)
+    weights = ckpt.weights("model")
+    assert all(torch.equal(weights[f"base_model.{k}"], v) for k, v in base.items())  # frozen
+    assert set(ckpt.weights("ema")) == {
+        n
+        for n, p in model_from_checkpoint(ckpt, eval_mode=False).named_parameters()
+        if not n.startswith("base_model.")
+    }
+
+
+def test_tgca_against_another_architecture_is_rejected(dit_run, crop_latents, tmp_path, ray_session):
+    cfg = load_config(TINY_DIT, TINY_TGCA, overrides=["dit.params.depth=3"])
+    with pytest.raises(TrainingError, match="another architecture.*depth: config 3 vs checkpoint 2"):
+        _train(cfg, "tgca", crop_latents, tmp_path, "bad", dit=str(dit_run.best))
+    with pytest.raises(ConfigError, match="needs --dit"):
+        _train(load_config(TINY_TGCA), "tgca", crop_latents, tmp_path, "bad")
+
+
+def test_latents_of_another_size_are_rejected_before_training(crop_latents, tmp_path, ray_session):
+    cfg = load_config(TINY_DIT, overrides=["dit.params.input_size=[16,16,8]"])
+    with pytest.raises(
+        TrainingError, match=r"have shape \[8, 8, 8, 4\], the config expects \[8, 16, 16, 8\]"
+    ):
+        _train(cfg, "dit", crop_latents, tmp_path, "bad")
+
+
+def test_empty_and_too_small_datasets(crop_latents, tmp_path, ray_session):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "dataset.json").write_text((crop_latents["train"] / "dataset.json").read_text())
+    with pytest.raises(TrainingError, match="holds no latent parts"):
+        _train(load_config(TINY_DIT), "dit", {"train": empty}, tmp_path, "empty")
+    big_batch = load_config(TINY_DIT, overrides=["training.batch_size=64", *QUIET])
+    with pytest.raises(Exception, match="got no training batch"):
+        _train(big_batch, "dit", {"train": crop_latents["train"]}, tmp_path, "small")
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(crop_latents, tmp_path, ray_session):
+    good = load_config(TINY_DIT, overrides=["training.n_epochs=1", *QUIET])
+    _train(good, "dit", crop_latents, tmp_path, "nan")
+    # Latents scaled past float32's range: the first step after resuming overflows.
+    wild = load_config(TINY_DIT, overrides=["training.n_epochs=3", "training.scale_factor=1e38", *QUIET])
+    with pytest.raises(
+        TrainingError, match=r"the loss became (nan|inf) at step 6 \(epoch 2\).*nan/checkpoints/latest"
+    ):
+        _train(wild, "dit", crop_latents, tmp_path, "nan")
+    latest = load_checkpoint(tmp_path / "nan" / "checkpoints" / "latest")
+    assert latest.meta["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in latest.weights("model").values())
+
+
+def test_in_process_vqgan_run_with_adversarial_warm_up(crops, tmp_path, ray_session):
+    cfg = load_config(
+        CONFIGS / "tiny" / "vqgan.yaml",
+        overrides=[
+            "training.n_epochs=2",
+            "stage1.adv_warmup_epochs=1",
+            "training.eval_freq=2",
+            "training.max_steps=6",
+            *QUIET,
+        ],
+    )
+    result = _train(cfg, "vqgan", crops, tmp_path, "vq")
+    ckpt = load_checkpoint(result.latest, stage="vqgan")
+    assert ckpt.has("discriminator") and ckpt.meta["latent_shape"] == [8, 8, 8, 4]
+    assert result.metrics["step"] == 6 and math.isfinite(result.metrics["val_loss"])
+    model_from_checkpoint(ckpt)
+
+
+@pytest.mark.slow
+def test_two_workers_recover_from_a_killed_worker(crop_latents, tmp_path, ray_session, monkeypatch):
+    from voldit.distributed.train import FAILURE_ENV
+
+    marker = tmp_path / "fail-once"
+    marker.touch()
+    monkeypatch.setenv(FAILURE_ENV, f"4:{marker}")  # rank 0 dies at its 4th step (epoch 2 of 3)
+    cfg = load_config(TINY_DIT, overrides=["training.n_epochs=3", "training.eval_freq=1", *QUIET])
+    result = _train(cfg, "dit", crop_latents, tmp_path, "ddp", workers=2, max_failures=1)
+    assert not marker.exists()  # the failure did happen
+    assert result.metrics["epoch"] == 3 and result.metrics["step"] == 6  # 10 rows / 2 workers / batch 2
+    for name in ("latest", "best", "epoch_0001", "epoch_0002", "epoch_0003"):
+        model_from_checkpoint(load_checkpoint(tmp_path / "ddp" / "checkpoints" / name))
+
+
+@pytest.mark.slow
+def test_two_worker_tgca_and_vqgan_runs(crops, crop_latents, dit_run, tmp_path, ray_session):
+    tgca = _train(
+        load_config(TINY_TGCA, overrides=["training.n_epochs=1", *QUIET]),
+        "tgca",
+        crop_latents,
+        tmp_path,
+        "tgca2",
+        workers=2,
+        dit=str(dit_run.best),
+    )
+    assert load_checkpoint(tgca.latest).meta["step"] == 2
+    vq_cfg = load_config(
+        CONFIGS / "tiny" / "vqgan.yaml",
+        overrides=["training.n_epochs=2", "stage1.adv_warmup_epochs=1", *QUIET],
+    )
+    vq = _train(vq_cfg, "vqgan", crops, tmp_path, "vq2", workers=2)
+    assert load_checkpoint(vq.latest).meta["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_tiny_vqgan_and_voldit_overfit_real_ct_crops(crops, crop_latents, tmp_path, ray_session, capsys):
+    # Validation on the training crops themselves: the figure a working loop must drive down.
+    same = {"train": crops["train"], "val": crops["train"]}
+    vq = [
+        _train(
+            load_config(
+                CONFIGS / "tiny" / "vqgan.yaml",
+                overrides=[
+                    f"training.n_epochs={n}",
+                    f"training.eval_freq={n}",
+                    "stage1.adv_warmup_epochs=100",
+                    *QUIET,
+                ],
+            ),
+            "vqgan",
+            same,
+            tmp_path,
+            f"vq{n}",
+        )
+        for n in (1, 30)
+    ]
+    same = {"train": crop_latents["train"], "val": crop_latents["train"]}
+    dit = [
+        _train(
+            load_config(TINY_DIT, overrides=[f"training.n_epochs={n}", f"training.eval_freq={n}", *QUIET]),
+            "dit",
+            same,
+            tmp_path,
+            f"dit{n}",
+        )
+        for n in (1, 120)
+    ]
+    with capsys.disabled():
+        print(
+            f"\n  VQ-GAN reconstruction L1: {vq[0].metrics['val_loss']:.4f} after 5 steps -> "
+            f"{vq[1].metrics['val_loss']:.4f} after {vq[1].metrics['step']} steps"
+        )
+        print(
+            f"  VolDiT loss: {dit[0].metrics['val_loss']:.4f} after 5 steps -> "
+            f"{dit[1].metrics['val_loss']:.4f} after {dit[1].metrics['step']} steps"
+        )
+    assert vq[1].metrics["val_loss"] < 0.7 * vq[0].metrics["val_loss"]
+    assert dit[1].metrics["val_loss"] < 0.75 * dit[0].metrics["val_loss"]

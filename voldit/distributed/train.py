@@ -1,0 +1,298 @@
+"""`voldit train`: Ray Train's TorchTrainer around the shared loop, for the VQ-GAN, VolDiT and TGCA stages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+from omegaconf import DictConfig, OmegaConf
+from ray.train.torch import TorchTrainer
+
+from voldit.builders import model_from_checkpoint
+from voldit.checkpoint import load_checkpoint
+from voldit.config import ConfigError, load_config, section_dict, stage_of
+from voldit.data.latents import LatentDatasetError, load_info
+from voldit.data.manifest import read_manifest
+from voldit.distributed.data import latent_dataset, volume_dataset
+from voldit.distributed.runtime import ensure_ray
+from voldit.training.context import RunContext, TrainingError
+from voldit.training.loop import fit
+from voldit.training.stages import DiffusionStage, VQGANStage
+
+log = logging.getLogger(__name__)
+
+FAILURE_ENV = "VOLDIT_INJECT_FAILURE"  # "STEP:MARKER": rank 0 crashes once at STEP while MARKER exists
+
+
+@dataclass
+class TrainJob:
+    """Everything a worker needs, picklable: the resolved config and the paths of its inputs."""
+
+    config: dict
+    stage: str
+    run_dir: str
+    scale_factor: float | None = None
+    base_checkpoint: str | None = None
+    vqgan_checkpoint: str | None = None
+    inject_failure: str | None = None
+    has_validation: bool = False
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict
+    checkpoint: Path | None
+
+    @property
+    def best(self) -> Path:
+        return self.run_dir / "checkpoints" / "best"
+
+    @property
+    def latest(self) -> Path:
+        return self.run_dir / "checkpoints" / "latest"
+
+
+class _FailOnce:
+    """Crash the worker process once at a given step: a real worker loss for fault-tolerance tests."""
+
+    def __init__(self, stage, spec: str) -> None:
+        at, self.marker = spec.split(":", 1)
+        self._inner, self.at, self.count = stage, int(at), 0
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def train_step(self, batch, epoch):
+        self.count += 1
+        if self.count == self.at and os.path.exists(self.marker):
+            os.remove(self.marker)
+            os._exit(1)
+        return self._inner.train_step(batch, epoch)
+
+
+def _worker(job_dict: dict) -> None:
+    job = TrainJob(**job_dict)
+    cfg = load_config(job.config)
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    seed = cfg.training.seed
+
+    def batches(split: str, batch_size: int, epoch: int, shuffle: bool):
+        shard = ray.train.get_dataset_shard(split)
+        return shard.iter_torch_batches(
+            batch_size=batch_size,
+            local_shuffle_buffer_size=cfg.training.shuffle_buffer if shuffle else None,
+            local_shuffle_seed=seed + epoch if shuffle else None,
+            drop_last=shuffle,
+        )
+
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    ctx = RunContext(
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        device=device,
+        batches=batches,
+        report=report,
+        run_dir=Path(job.run_dir),
+        has_validation=job.has_validation,
+    )
+    with tempfile.TemporaryDirectory(prefix="voldit-resume-") as tmp:
+        # Ray's latest checkpoint after a worker failure; our own `latest` when a finished or stopped run
+        # is started again (in-process runs keep no Ray checkpoints between runs).
+        previous = ray.train.get_checkpoint()
+        latest = ctx.run_dir / "checkpoints" / "latest"
+        if previous is not None:
+            with previous.as_directory() as directory:
+                ctx.resume_from = Path(shutil.copytree(directory, Path(tmp) / "checkpoint"))
+        elif (latest / "meta.json").is_file():
+            ctx.resume_from = Path(shutil.copytree(latest, Path(tmp) / "checkpoint"))
+        stage = _build_stage(job, cfg, ctx)
+        if job.inject_failure and ctx.rank == 0:
+            stage = _FailOnce(stage, job.inject_failure)
+        fit(stage, ctx, cfg)
+
+
+def _build_stage(job: TrainJob, cfg: DictConfig, ctx: RunContext):
+    if job.stage == "vqgan":
+        return VQGANStage(cfg, ctx)
+    base_state = None
+    if job.stage == "tgca":
+        base_state = load_checkpoint(job.base_checkpoint, stage="dit").model_state(use_ema=True)
+    encoder = None
+    if job.vqgan_checkpoint:
+        encoder = model_from_checkpoint(load_checkpoint(job.vqgan_checkpoint, stage="vqgan"))
+    return DiffusionStage(cfg, ctx, job.scale_factor, base_state=base_state, encoder=encoder)
+
+
+def _tgca_config(cfg: DictConfig, dit_checkpoint: str | Path) -> DictConfig:
+    """The TGCA run's config: the frozen VolDiT's architecture comes from its checkpoint."""
+    base = load_checkpoint(dit_checkpoint, stage="dit")
+    ours = OmegaConf.to_container(cfg, resolve=True)
+    theirs = section_dict(base.config.dit)
+    if cfg.dit is not None:
+        mine = section_dict(cfg.dit)
+        for section in ("params", "scheduler"):
+            arch = {k: v for k, v in mine[section].items() if k not in ("dropout", "attention")}
+            diff = {k: (v, theirs[section].get(k)) for k, v in arch.items() if theirs[section].get(k) != v}
+            if diff:
+                raise TrainingError(
+                    f"the VolDiT checkpoint {dit_checkpoint} has another architecture than the config's dit "
+                    f"section: {', '.join(f'{k}: config {a} vs checkpoint {b}' for k, (a, b) in diff.items())}. "
+                    "Leave the dit section out (it is read from the checkpoint) or point --dit at the right run"
+                )
+    ours["dit"] = theirs
+    return load_config(ours)
+
+
+def _check_latents(cfg: DictConfig, folder: str, stage: str) -> float:
+    info = load_info(folder)
+    p = cfg.dit.params
+    expected = [p.in_channels, *p.input_size]
+    if info.latent_shape != expected:
+        raise TrainingError(
+            f"the latents in {folder} have shape {info.latent_shape}, the config expects {expected} "
+            "(dit.params in_channels + input_size); encode with a matching roi_size or change input_size"
+        )
+    if stage == "tgca":
+        missing = [k for k in cfg.tgca.condition_keys if k not in info.condition_keys]
+        if missing:
+            raise TrainingError(
+                f"the latents in {folder} carry no {missing}; encode with --condition-keys {missing[0]}"
+            )
+    return info.scale_factor
+
+
+def _estimate_scale_factor(frame, vqgan: str, roi_size, limit: int = 8) -> float:
+    from voldit.data.nifti import read_volume
+    from voldit.data.preprocess import prepare
+
+    model = model_from_checkpoint(load_checkpoint(vqgan, stage="vqgan"))
+    values = []
+    with torch.no_grad():
+        for path in frame["image"].head(limit):
+            image = prepare(read_volume(path), None, roi_size)["image"][None]
+            values.append(model.encode_stage_2_inputs(image).double().numpy().ravel())
+    return float(1.0 / np.concatenate(values).std())
+
+
+def train(
+    cfg: DictConfig,
+    stage: str,
+    train_data: str,
+    val_data: str | None = None,
+    dit: str | None = None,
+    vqgan: str | None = None,
+    name: str = "voldit",
+    storage: str = "outputs",
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    max_failures: int = 0,
+    address: str | None = None,
+) -> TrainResult:
+    """Train one stage with ``workers`` DDP workers (0: in this process). Re-running with the same
+    ``name`` and ``storage`` resumes from the latest checkpoint."""
+    if stage not in ("vqgan", "dit", "tgca"):
+        raise ConfigError(f"--stage must be vqgan, dit or tgca, got {stage!r}")
+    if stage == "tgca":
+        if not dit:
+            raise ConfigError("--stage tgca needs --dit, the VolDiT checkpoint to adapt")
+        if cfg.tgca is None:
+            raise ConfigError(
+                "--stage tgca needs a config with a tgca section (e.g. configs/tgca/tgca_ds8.yaml)"
+            )
+        cfg = _tgca_config(cfg, dit)
+    if stage_of(cfg) != stage:
+        raise ConfigError(f"the config describes the {stage_of(cfg)} stage, but --stage is {stage}")
+    # Locally, leave CPUs beyond the train workers for Ray Data's read tasks (without them, a 2-core
+    # machine with 2 workers waits forever).
+    ensure_ray(address, num_cpus=max(os.cpu_count() or 1, workers + 2))
+    ingest = _ordered()  # before the datasets are made: they capture the data context
+    storage_path = str(Path(storage).resolve())
+    job = TrainJob(
+        config={},
+        stage=stage,
+        run_dir=str(Path(storage_path) / name),
+        inject_failure=os.environ.get(FAILURE_ENV),
+    )
+    datasets = _datasets(cfg, stage, train_data, val_data, dit, vqgan, job)
+    if stage == "tgca":
+        job.base_checkpoint = str(Path(dit).resolve())
+    if stage == "tgca" and cfg.training.scale_factor is None:
+        job.scale_factor = load_checkpoint(dit, stage="dit").meta.get("scale_factor") or job.scale_factor
+    if cfg.training.scale_factor is not None:
+        job.scale_factor = float(cfg.training.scale_factor)
+    job.config = OmegaConf.to_container(cfg, resolve=True)
+    job.has_validation = "val" in datasets
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config=asdict(job),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=gpus_per_worker > 0,
+            resources_per_worker={"CPU": 1, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
+    )
+    result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    if metrics.get("diverged"):
+        raise TrainingError(
+            f"the loss became {metrics['loss']} at step {metrics['step'] + 1} (epoch {metrics['epoch'] + 1}); "
+            f"training stopped. The last good checkpoint is {Path(job.run_dir) / 'checkpoints' / 'latest'}"
+        )
+    checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
+    return TrainResult(run_dir=Path(job.run_dir), metrics=metrics, checkpoint=checkpoint)
+
+
+def _ordered():
+    # Blocks in a fixed order, so a seeded run (and a resumed one) sees the same batches. In-process runs
+    # (num_workers=0) read with the driver's context, so it is set there too.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
+def _datasets(cfg, stage, train_data, val_data, dit, vqgan, job: TrainJob) -> dict:
+    roi = list(cfg.training.roi_size)
+    if stage == "vqgan" or (vqgan and str(train_data).endswith(".csv")):
+        frames = {"train": read_manifest(train_data, ["image"])}
+        if val_data:
+            frames["val"] = read_manifest(val_data, ["image"])
+        if stage != "vqgan":
+            job.vqgan_checkpoint = str(Path(vqgan).resolve())
+            job.scale_factor = _estimate_scale_factor(frames["train"], vqgan, roi)
+            log.info("scale factor estimated from the first training volumes: %.4f", job.scale_factor)
+        return {
+            split: volume_dataset(frame, roi, train=split == "train").select_columns(["image"])
+            for split, frame in frames.items()
+        }
+    columns = ["latent", *(cfg.tgca.condition_keys if stage == "tgca" else [])]
+    try:
+        job.scale_factor = _check_latents(cfg, train_data, stage)
+        datasets = {"train": latent_dataset(train_data, columns)}
+        if val_data:
+            _check_latents(cfg, val_data, stage)
+            datasets["val"] = latent_dataset(val_data, columns)
+    except LatentDatasetError as error:
+        raise TrainingError(str(error)) from None
+    return datasets

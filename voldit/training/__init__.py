@@ -1,0 +1,1 @@
+"""One training loop for every stage; each stage contributes a short step. No Ray here."""

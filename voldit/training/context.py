@@ -1,0 +1,41 @@
+"""The one object through which the loop meets its environment: rank, device, data, reporting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: bad data, a mismatched checkpoint, a diverged loss."""
+
+
+@dataclass
+class RunContext:
+    """What differs between workers and launchers. ``batches(split, batch_size, epoch, shuffle)`` yields
+    dicts of tensors from this worker's shard; ``report(metrics, checkpoint_dir)`` is called by every
+    worker at the same points (checkpoint only from rank 0)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    batches: Callable[[str, int, int, bool], Iterable[dict[str, torch.Tensor]]]
+    report: Callable[[dict, Path | None], None]
+    run_dir: Path
+    resume_from: Path | None = None
+    has_validation: bool = True
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of ``value`` over workers (a copy; the input is untouched)."""
+        value = value.detach().clone().to(self.device)
+        if self.world_size > 1 and dist.is_initialized():
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value

@@ -1,0 +1,213 @@
+"""The training loop shared by every stage: epochs, logging, validation, checkpoints, resume, divergence."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from voldit.checkpoint import load_checkpoint, save_checkpoint
+from voldit.training.context import RunContext, TrainingError
+
+log = logging.getLogger(__name__)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _Writer:
+    """TensorBoard scalars from rank 0 only; other ranks write nothing."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.writer = None
+        if ctx.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(ctx.run_dir / "tensorboard"))
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
+    """Train ``stage`` to ``training.n_epochs`` (or ``max_steps``), resuming from ``ctx.resume_from``.
+
+    Every worker calls ``ctx.report`` at the same points; rank 0 attaches a checkpoint after each
+    validation or every ``checkpoint_freq`` epochs and at the end, and also keeps named copies under
+    ``run_dir/checkpoints``: ``latest``, ``best`` (lowest validation loss) and ``epoch_NNNN``.
+    """
+    t = cfg.training
+    epoch, step, best = 0, 0, math.inf
+    if ctx.resume_from is not None:
+        ckpt = load_checkpoint(ctx.resume_from, stage=stage.stage)
+        stage.restore(ckpt)
+        epoch, step = ckpt.meta["epoch"], ckpt.meta["step"]
+        best = ckpt.meta.get("best_val_loss") or math.inf
+        if ctx.is_main:
+            log.info("resumed from %s at epoch %d, step %d", ctx.resume_from, epoch, step)
+    writer = _Writer(ctx)
+    checkpoint_freq = t.checkpoint_freq or t.eval_freq
+    metrics: dict = {"epoch": epoch, "step": step}
+    start_step, start_time = step, time.perf_counter()
+    steps_per_epoch = None
+    try:
+        while epoch < t.n_epochs and not (t.max_steps and step >= t.max_steps):
+            stage.train_mode()
+            window, window_start, epoch_steps = [], time.perf_counter(), 0
+            for batch in ctx.batches("train", t.batch_size, epoch, True):
+                out = stage.train_step(batch, epoch)
+                loss = ctx.all_reduce_sum(out["loss"].float()) / ctx.world_size
+                if not torch.isfinite(loss):
+                    return _diverged(ctx, epoch, step, float(loss))
+                step += 1
+                epoch_steps += 1
+                window.append((float(loss), float(out["samples"]) * ctx.world_size))
+                if step % t.log_every_n_steps == 0:
+                    _log_progress(
+                        ctx,
+                        writer,
+                        stage,
+                        out,
+                        window,
+                        window_start,
+                        epoch,
+                        step,
+                        steps_per_epoch,
+                        start_step,
+                        start_time,
+                        cfg,
+                    )
+                    window, window_start = [], time.perf_counter()
+                if t.max_steps and step >= t.max_steps:
+                    break
+            if epoch_steps == 0:
+                raise TrainingError(
+                    f"worker {ctx.rank} got no training batch in epoch {epoch}: the dataset has fewer rows than "
+                    f"workers x batch size ({ctx.world_size} x {t.batch_size}) or is empty"
+                )
+            steps_per_epoch = steps_per_epoch or epoch_steps
+            stage.end_epoch()
+            epoch += 1
+            last = epoch >= t.n_epochs or bool(t.max_steps and step >= t.max_steps)
+            metrics = {
+                "epoch": epoch,
+                "step": step,
+                "loss": window[-1][0] if window else metrics.get("loss"),
+                "lr": stage.lr,
+            }
+            if ctx.has_validation and (epoch % t.eval_freq == 0 or last):
+                total, count = stage.validate(ctx.batches("val", t.batch_size, epoch, False))
+                total, count = ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)
+                if count == 0:
+                    raise TrainingError("the validation dataset produced no samples on any worker")
+                metrics["val_loss"] = float(total / count)
+                writer.scalars("val", {"loss": metrics["val_loss"]}, step)
+                if ctx.is_main:
+                    log.info(
+                        "epoch %d: validation loss %.6f over %d samples",
+                        epoch,
+                        metrics["val_loss"],
+                        int(count),
+                    )
+            improved = metrics.get("val_loss", math.inf) < best
+            best = min(best, metrics.get("val_loss", math.inf))
+            metrics["best_val_loss"] = best if math.isfinite(best) else None
+            save = last or epoch % checkpoint_freq == 0 or "val_loss" in metrics
+            _report(stage, ctx, cfg, metrics, save, improved, periodic=epoch % checkpoint_freq == 0)
+    finally:
+        writer.close()
+    return metrics
+
+
+def _log_progress(
+    ctx, writer, stage, out, window, window_start, epoch, step, steps_per_epoch, start_step, start_time, cfg
+) -> None:
+    seconds = time.perf_counter() - window_start
+    samples = sum(n for _, n in window)
+    values = {
+        "loss": sum(v for v, _ in window) / len(window),
+        "lr": stage.lr,
+        "samples_per_s": samples / seconds,
+    }
+    if stage.tokens:
+        values["tokens_per_s"] = values["samples_per_s"] * stage.tokens
+    values.update({k: float(v) for k, v in out.items() if k not in ("loss", "samples")})
+    writer.scalars("train", values, step)
+    if ctx.is_main:
+        t = cfg.training
+        total = t.max_steps or (steps_per_epoch * t.n_epochs if steps_per_epoch else None)
+        rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
+        eta = _fmt_eta((total - step) / rate) if total and rate > 0 else "?"
+        print(
+            f"[{stage.stage}] epoch {epoch + 1}/{t.n_epochs} step {step}"
+            f"{f'/{total}' if total else ''} loss {values['loss']:.5f} lr {values['lr']:.3g} "
+            f"{values['samples_per_s']:.2f} samples/s ETA {eta}",
+            flush=True,
+        )
+
+
+def _report(stage, ctx: RunContext, cfg, metrics: dict, save: bool, improved: bool, periodic: bool) -> None:
+    if not (save and ctx.is_main):
+        ctx.report(metrics, None)
+        return
+    payload = stage.checkpoint()
+    meta = {
+        **payload.pop("meta"),
+        "epoch": metrics["epoch"],
+        "step": metrics["step"],
+        "best_val_loss": metrics.get("best_val_loss"),
+        "val_loss": metrics.get("val_loss"),
+    }
+    with tempfile.TemporaryDirectory(prefix="voldit-ckpt-") as tmp:
+        path = save_checkpoint(Path(tmp) / "checkpoint", config=cfg, meta=meta, **payload)
+        named = ctx.run_dir / "checkpoints"
+        copies = (
+            ["latest"]
+            + (["best"] if improved else [])
+            + ([f"epoch_{metrics['epoch']:04d}"] if periodic else [])
+        )
+        for name in copies:
+            _replace_dir(path, named / name)
+        ctx.report(metrics, path)
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Copy a checkpoint directory over ``target`` atomically (copy beside it, then swap)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _diverged(ctx: RunContext, epoch: int, step: int, loss: float) -> dict:
+    metrics = {"epoch": epoch, "step": step, "diverged": True, "loss": loss}
+    if ctx.is_main:
+        log.error(
+            "loss is %s at step %d (epoch %d): stopping; the last good checkpoint is kept",
+            loss,
+            step + 1,
+            epoch + 1,
+        )
+    ctx.report(metrics, None)
+    return metrics
