@@ -232,3 +232,13 @@ def test_tiny_vqgan_and_voldit_overfit_real_ct_crops(crops, crop_latents, tmp_pa
         )
     assert vq[1].metrics["val_loss"] < 0.7 * vq[0].metrics["val_loss"]
     assert dit[1].metrics["val_loss"] < 0.75 * dit[0].metrics["val_loss"]
+
+
+def test_dit_encodes_images_online_with_a_frozen_vqgan(crops, crop_latents, tmp_path, ray_session):
+    # The seed's --no_precomputed_latents: image CSVs in, the VQ-GAN encodes each batch on the worker.
+    cfg = load_config(TINY_DIT, overrides=["training.n_epochs=1", *QUIET])
+    result = _train(cfg, "dit", crops, tmp_path, "online", vqgan=str(crop_latents["vqgan"]))
+    ckpt = load_checkpoint(result.latest, stage="dit")
+    stored = load_info(crop_latents["train"]).scale_factor  # the same VQ-GAN's, from all ten crops
+    assert ckpt.meta["scale_factor"] == pytest.approx(stored, rel=0.2)  # estimated from the first volumes
+    assert ckpt.meta["step"] == 5 and math.isfinite(result.metrics["val_loss"])

@@ -313,7 +313,8 @@ class VQGANStage:
 
     def end_epoch(self) -> None:
         self.lr_g.step()
-        self.lr_d.step()
+        if self.opt_d.state:  # the discriminator's schedule starts with its first step, after the warm-up
+            self.lr_d.step()
 
     @property
     def lr(self) -> float:
