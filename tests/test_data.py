@@ -128,3 +128,25 @@ def _only_image(tmp_path, image):
     path = tmp_path / "img.csv"
     path.write_text(f"image\n{image}\n")
     return path
+
+
+def test_volumes_and_manifests_read_through_fsspec_urls(examples, tmp_path):
+    # Object storage goes through fsspec; its in-memory filesystem exercises the same URL path as s3://.
+    import fsspec
+
+    image, mask = examples["example_ct_sm"]
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/ct.nii.gz", image.read_bytes())
+    fs.pipe("/bucket/seg.nii.gz", mask.read_bytes())
+    remote = read_volume("memory://bucket/ct.nii.gz")
+    assert np.array_equal(remote.array, read_volume(image).array)
+    csv = tmp_path / "m.csv"
+    csv.write_text(
+        "image,mask\nmemory://bucket/ct.nii.gz,memory://bucket/seg.nii.gz\nmemory://bucket/no.nii.gz,x\n"
+    )
+    with pytest.raises(ManifestError) as error:
+        read_manifest(csv, ["image", "mask"])
+    assert "row 2: image memory://bucket/no.nii.gz does not exist" in str(error.value)
+    assert "row 1" not in str(error.value)
+    with pytest.raises(VolumeError, match="cannot be read"):
+        read_volume("memory://bucket/missing.nii.gz")

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import signal
@@ -7,6 +8,7 @@ import time
 
 import nibabel as nib
 import numpy as np
+import psutil
 import pytest
 
 from tests.conftest import ROOT
@@ -51,9 +53,17 @@ def test_encode_is_deterministic_resumable_and_reports_bad_rows(
     nib.save(nib.Nifti1Image(np.zeros((20, 20), np.int16), np.eye(4)), flat)
     nan = tmp_path / "nan.nii.gz"
     nib.save(nib.Nifti1Image(np.full((20, 20, 20), np.nan, np.float32), np.eye(4)), nan)
+    # A generated volume of another size: a water sphere in air, on an anisotropic 1 x 1 x 2.5 mm grid.
+    grid = np.indices((100, 80, 40)).astype(np.float32)
+    sphere = ((grid[0] - 50) ** 2 + (grid[1] - 40) ** 2 + (2.5 * (grid[2] - 20)) ** 2) < 30**2
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    phantom, phantom_mask = tmp_path / "phantom.nii.gz", tmp_path / "phantom_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.where(sphere, 0, -1000).astype(np.int16), affine), phantom)
+    nib.save(nib.Nifti1Image(sphere.astype(np.uint8), affine), phantom_mask)
     rows = [
         (image, mask),
         (image2, mask2),
+        (phantom, phantom_mask),
         (corrupt, mask),
         (flat, mask),
         (nan, mask),
@@ -62,7 +72,7 @@ def test_encode_is_deterministic_resumable_and_reports_bad_rows(
     ]
     csv = _manifest(tmp_path / "m.csv", rows)
     first = encode(csv, tiny_vqgan_checkpoint, tmp_path / "a", ["mask"], progress=False)
-    assert (first.encoded, len(first.failed)) == (2, 5)
+    assert (first.encoded, len(first.failed)) == (3, 5)
     reasons = {r["path"].split("/")[-1]: r["reason"] for r in first.failed}
     assert "not a readable NIfTI" in reasons["corrupt.nii.gz"]
     assert "expected a 3D volume" in reasons["flat.nii.gz"] and "NaN" in reasons["nan.nii.gz"]
@@ -77,9 +87,11 @@ def test_encode_is_deterministic_resumable_and_reports_bad_rows(
     assert second.info.scale_factor == first.info.scale_factor
 
     again = encode(csv, tiny_vqgan_checkpoint, tmp_path / "a", ["mask"], progress=False)
-    assert (again.skipped, again.encoded) == (2, 0)  # only the bad rows were tried again
+    assert (again.skipped, again.encoded) == (3, 0)  # only the bad rows were tried again
     info = load_info(tmp_path / "a")
-    assert info.rows == 2 and info.latent_shape == [8, 8, 8, 4] and info.condition_keys == ["mask"]
+    assert info.rows == 3 and info.latent_shape == [8, 8, 8, 4] and info.condition_keys == ["mask"]
+    phantom_row = a["id"].index("phantom")
+    assert set(np.unique(a["mask"][phantom_row])) == {0, 1}
     std = float(a["latent"].astype(np.float64).std())
     assert info.scale_factor == pytest.approx(1 / std, rel=1e-9)
     assert rescale_from_tensors(tmp_path / "a").scale_factor == pytest.approx(1 / std, rel=1e-9)
@@ -137,8 +149,14 @@ def test_killed_encode_resumes_with_every_row_written_once(tmp_path, examples):
     deadline = time.time() + 120
     while not parts(out) and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
+    # Kill the driver and every process it started (Ray's own processes leave its process group).
+    victims = psutil.Process(process.pid).children(recursive=True)
     os.killpg(process.pid, signal.SIGKILL)
+    for victim in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            victim.kill()
     process.wait()
+    psutil.wait_procs(victims, timeout=30)
     written = committed_ids(out)
     assert 0 < len(written) < 12, "the run should have been killed part-way"
     assert not (out / "dataset.json").exists()

@@ -121,20 +121,24 @@ def summarise(
     found = parts(folder)
     if not found:
         raise LatentDatasetError(f"{folder} holds no latent parts: nothing was encoded")
-    count = total = squares = 0.0
+    counts, sums, squares = [], [], []
     rows = 0
     labels: dict[str, set[int]] = {k: set() for k in condition_keys}
     shape = None
     for part in found:
         meta = pq.read_schema(part)
         stats = json.loads(meta.metadata[_STATS_KEY])
-        count, total, squares = count + stats["count"], total + stats["sum"], squares + stats["sumsq"]
+        counts.append(stats["count"])
+        sums.append(stats["sum"])
+        squares.append(stats["sumsq"])
         for key, values in stats.get("labels", {}).items():
             labels.setdefault(key, set()).update(values)
         rows += pq.read_metadata(part).num_rows
         shape = list(meta.field("latent").type.shape)
+    # fsum: exact, so the result does not depend on the order the parts were written in.
+    count, total, squares_total = math.fsum(counts), math.fsum(sums), math.fsum(squares)
     mean = total / count
-    std = math.sqrt(max(squares / count - mean**2, 0.0))
+    std = math.sqrt(max(squares_total / count - mean**2, 0.0))
     if std == 0:
         raise LatentDatasetError(f"{folder}: every latent value is {mean}; the VQ-GAN output is constant")
     info = LatentDatasetInfo(

@@ -7,14 +7,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from voldit.data.nifti import is_url
+
 
 class ManifestError(ValueError):
     """A manifest that cannot be used as it is; the message lists every problem with its row number."""
 
 
 def _exists(path: str) -> bool:
-    if "://" in path:  # object storage is checked when the row is read
-        return True
+    if is_url(path):
+        import fsspec
+
+        fs, _, (resolved,) = fsspec.get_fs_token_paths(path)
+        return fs.isfile(resolved)
     return Path(path).is_file()
 
 
@@ -26,7 +31,7 @@ def read_manifest(
 ) -> pd.DataFrame:
     """Read a manifest, require ``columns``, and report duplicate rows and missing files by row number.
 
-    Row numbers are 1-based data rows (the header is row 0), as a spreadsheet shows them minus one.
+    Paths may be local or URLs (``s3://...``). Row numbers are 1-based data rows (the header is row 0).
     Without an ``id`` column, ids are made from the first column's file names (made unique with the
     row number when two names collide).
     """

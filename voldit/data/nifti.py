@@ -52,12 +52,26 @@ def decode_volume(data: bytes, name: str = "<bytes>", dtype=np.float32) -> Volum
     return Volume(array=array, affine=np.asarray(image.affine, dtype=np.float64))
 
 
+def is_url(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """A file's bytes from a local path or any fsspec URL (``s3://`` through s3fs, with credentials and
+    endpoint from the standard AWS environment variables)."""
+    if is_url(path):
+        import fsspec
+
+        with fsspec.open(str(path), "rb") as f:
+            return f.read()
+    return Path(path).read_bytes()
+
+
 def read_volume(path: str | Path, dtype=np.float32) -> Volume:
-    path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise VolumeError(f"{path}: cannot be read ({error.strerror or error})") from None
+        data = read_bytes(path)
+    except (OSError, ValueError) as error:
+        raise VolumeError(f"{path}: cannot be read ({getattr(error, 'strerror', None) or error})") from None
     return decode_volume(data, str(path), dtype)
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import ray
 
 from voldit.data.latents import PART_GLOB, LatentDatasetError, parts
-from voldit.data.nifti import check_same_grid, decode_volume
+from voldit.data.nifti import check_same_grid, read_volume
 from voldit.data.preprocess import prepare
 
 
@@ -21,10 +21,10 @@ class VolumeLoader:
         self.roi_size, self.train, self.mask_keys = list(roi_size), train, list(mask_keys)
 
     def __call__(self, row: dict) -> dict:
-        image = decode_volume(Path(row["image"]).read_bytes(), row["image"])
+        image = read_volume(row["image"])
         masks = {}
         for key in self.mask_keys:
-            masks[key] = decode_volume(Path(row[key]).read_bytes(), row[key])
+            masks[key] = read_volume(row[key])
             check_same_grid(image, masks[key], f"{row['id']}: {key}")
         out = prepare(image, masks, self.roi_size, train=self.train)
         result = {"id": row["id"], "image": out["image"].numpy(), "affine": out["affine"]}
