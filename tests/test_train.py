@@ -117,7 +117,7 @@ def test_empty_and_too_small_datasets(crop_latents, tmp_path, ray_session):
     with pytest.raises(TrainingError, match="holds no latent parts"):
         _train(load_config(TINY_DIT), "dit", {"train": empty}, tmp_path, "empty")
     big_batch = load_config(TINY_DIT, overrides=["training.batch_size=64", *QUIET])
-    with pytest.raises(Exception, match="got no training batch"):
+    with pytest.raises(TrainingError, match="got no training batch"):
         _train(big_batch, "dit", {"train": crop_latents["train"]}, tmp_path, "small")
 
 

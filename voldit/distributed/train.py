@@ -252,7 +252,10 @@ def train(
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise TrainingError(f"training failed after {max_failures} restart(s): {error}") from error
     metrics = dict(result.metrics or {})
     if metrics.get("diverged"):
         raise TrainingError(
