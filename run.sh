@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the project's environment (once; cached in .venv) and run the main job or the tests.
-#   ./run.sh main    the main job on an embedded local Ray (what exists of the pipeline so far)
+#   ./run.sh main    the main job on an embedded local Ray: the pipeline so far on real example CT
 #   ./run.sh test    lint and the test suite
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -37,14 +37,10 @@ case "${1:-}" in
   main)
     shift
     .venv/bin/voldit config validate configs/stage1/*.yaml configs/transformer/*.yaml configs/tgca/*.yaml configs/tiny/*.yaml
-    for config in configs/transformer/dit_ds8_*.yaml; do
-      echo "== $config"
-      .venv/bin/voldit info "$config"
-    done
-    echo "== configs/transformer/dit_ds8_l4.yaml + configs/tgca/tgca_ds8.yaml"
-    .venv/bin/voldit info configs/transformer/dit_ds8_l4.yaml configs/tgca/tgca_ds8.yaml
-    echo "== configs/stage1/vqgan_ds8.yaml"
-    .venv/bin/voldit info configs/stage1/vqgan_ds8.yaml
+    echo "== the paper's largest model: configs/transformer/dit_ds8_l4.yaml"
+    .venv/bin/voldit info configs/transformer/dit_ds8_l4.yaml
+    echo "== the pipeline on real CT (tiny configs, local Ray)"
+    .venv/bin/voldit demo --output outputs/demo "$@"
     ;;
   *)
     echo "usage: ./run.sh main | test [pytest args]" >&2

@@ -86,28 +86,6 @@ def tiny_vqgan_checkpoint(tmp_path_factory):
     )
 
 
-def write_crops(examples, folder, count=12):
-    """Real CT crops (64x64x32, with their organ masks) cut from the example CT: a handful of training
-    volumes of the tiny configs' size. Returns the manifest rows (image, mask)."""
-    import nibabel as nib
-    import numpy as np
-
-    image_path, mask_path = examples["example_ct"]
-    image, mask = nib.load(image_path), nib.load(mask_path)
-    a, m = np.asarray(image.dataobj), np.asarray(mask.dataobj)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    offsets = [(x, y, z) for x in (0, 29, 58) for y in (0, 37) for z in (0, 40, 80)][:count]
-    for k, (x, y, z) in enumerate(offsets):
-        affine = image.affine.copy()
-        affine[:3, 3] = image.affine[:3, :3] @ [x, y, z] + image.affine[:3, 3]
-        ct, seg = folder / f"ct_{k:02d}.nii.gz", folder / f"seg_{k:02d}.nii.gz"
-        nib.save(nib.Nifti1Image(a[x : x + 64, y : y + 64, z : z + 32], affine), ct)
-        nib.save(nib.Nifti1Image(m[x : x + 64, y : y + 64, z : z + 32].astype(np.uint8), affine), seg)
-        rows.append((ct, seg))
-    return rows
-
-
 def write_csv(path, rows, header="image,mask"):
     path.write_text(header + "\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
     return path
@@ -115,8 +93,10 @@ def write_csv(path, rows, header="image,mask"):
 
 @pytest.fixture(scope="session")
 def crops(examples, tmp_path_factory):
+    from voldit.data.examples import write_crops
+
     folder = tmp_path_factory.mktemp("crops")
-    rows = write_crops(examples, folder)
+    rows = write_crops(folder, examples)
     return {
         "train": write_csv(folder / "train.csv", rows[:10]),
         "val": write_csv(folder / "val.csv", rows[10:]),

@@ -195,6 +195,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("demo")
+def _demo(args: argparse.Namespace) -> int:
+    from voldit.demo import run_demo
+
+    run_demo(args.output, args.cache)
+    return 0
+
+
 @command("scale-factor")
 def _scale_factor(args: argparse.Namespace) -> int:
     from voldit.data.latents import load_info, rescale_from_tensors
@@ -312,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from")
     tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
     tr.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+
+    demo = verbs.add_parser("demo", help="the pipeline so far on real example CT with the tiny configs")
+    demo.add_argument("--output", default="outputs/demo", help="where data, latents and runs go")
+    demo.add_argument("--cache", default=".cache/examples", help="where the example CTs are kept")
 
     scale = verbs.add_parser(
         "scale-factor", help="show, or recompute from the tensors, a latent dataset's scale factor"

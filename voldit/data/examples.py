@@ -58,3 +58,28 @@ def fetch_examples(dest: str | Path) -> dict[str, tuple[Path, Path]]:
                     part.write_bytes(member.read())
                     part.replace(dest / name)
     return wanted
+
+
+def write_crops(
+    dest: str | Path, examples: dict[str, tuple[Path, Path]], count: int = 12
+) -> list[tuple[Path, Path]]:
+    """Cut ``count`` real 64x64x32 CT crops, with their organ masks, out of the 122x101x112 example CT:
+    a handful of training volumes of the tiny configs' size. Each crop keeps its true affine."""
+    import nibabel as nib
+    import numpy as np
+
+    image_path, mask_path = examples["example_ct"]
+    image, mask = nib.load(image_path), nib.load(mask_path)
+    ct, seg = np.asarray(image.dataobj), np.asarray(mask.dataobj)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    offsets = [(x, y, z) for x in (0, 29, 58) for y in (0, 37) for z in (0, 40, 80)][:count]
+    rows = []
+    for k, (x, y, z) in enumerate(offsets):
+        affine = image.affine.copy()
+        affine[:3, 3] = image.affine[:3, :3] @ [x, y, z] + image.affine[:3, 3]
+        pair = (dest / f"ct_{k:02d}.nii.gz", dest / f"seg_{k:02d}.nii.gz")
+        nib.save(nib.Nifti1Image(ct[x : x + 64, y : y + 64, z : z + 32], affine), pair[0])
+        nib.save(nib.Nifti1Image(seg[x : x + 64, y : y + 64, z : z + 32].astype(np.uint8), affine), pair[1])
+        rows.append(pair)
+    return rows
