@@ -168,3 +168,12 @@ def test_killed_encode_resumes_with_every_row_written_once(tmp_path, examples):
     assert sorted(ids) == [f"ct_{i:02d}" for i in range(12)]  # every row exactly once
     assert not list(out.glob(".*tmp"))
     assert load_info(out).rows == 12
+
+
+def test_asking_for_absent_gpus_fails_at_once(tmp_path, examples, tiny_vqgan_checkpoint, ray_session):
+    from voldit.distributed.encode import encode
+    from voldit.distributed.runtime import GPUUnavailable
+
+    csv = _manifest(tmp_path / "m.csv", [(examples["example_ct_sm"][0],)], header="image")
+    with pytest.raises(GPUUnavailable, match="use --gpus-per-worker 0"):
+        encode(csv, tiny_vqgan_checkpoint, tmp_path / "o", gpus_per_worker=1000, progress=False)

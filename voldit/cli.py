@@ -338,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from voldit.checkpoint import CheckpointError
     from voldit.data.latents import LatentDatasetError
     from voldit.data.manifest import ManifestError
+    from voldit.distributed.runtime import GPUUnavailable
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -348,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.name = args.stage
     try:
         return _COMMANDS[name](args)
-    except (ConfigError, CheckpointError, ManifestError, LatentDatasetError) as error:
+    except (ConfigError, CheckpointError, ManifestError, LatentDatasetError, GPUUnavailable) as error:
         print(f"voldit {name}: error: {error}", file=sys.stderr)
         return 2
 

@@ -27,3 +27,19 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows its own progress line
     log.info("ray: %s", "local" if address == "local" else address)
+
+
+class GPUUnavailable(RuntimeError):
+    """GPUs were asked for that the Ray cluster does not have."""
+
+
+def require_gpus(per_worker: float, workers: int) -> None:
+    """Fail at once, rather than wait forever, when GPUs are asked for that the cluster does not have."""
+    if per_worker <= 0:
+        return
+    available = ray.cluster_resources().get("GPU", 0)
+    if available < per_worker * max(workers, 1):
+        raise GPUUnavailable(
+            f"asked for {per_worker} GPU(s) per worker x {max(workers, 1)} worker(s), but the Ray cluster has "
+            f"{available:g} GPU(s); use --gpus-per-worker 0 to run on CPUs"
+        )

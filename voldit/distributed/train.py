@@ -22,7 +22,7 @@ from voldit.config import ConfigError, load_config, section_dict, stage_of
 from voldit.data.latents import LatentDatasetError, load_info
 from voldit.data.manifest import read_manifest
 from voldit.distributed.data import latent_dataset, volume_dataset
-from voldit.distributed.runtime import ensure_ray
+from voldit.distributed.runtime import ensure_ray, require_gpus
 from voldit.training.context import RunContext, TrainingError
 from voldit.training.loop import fit
 from voldit.training.stages import DiffusionStage, VQGANStage
@@ -218,6 +218,7 @@ def train(
     # Locally, leave CPUs beyond the train workers for Ray Data's read tasks (without them, a 2-core
     # machine with 2 workers waits forever).
     ensure_ray(address, num_cpus=max(os.cpu_count() or 1, workers + 2))
+    require_gpus(gpus_per_worker, workers)
     ingest = _ordered()  # before the datasets are made: they capture the data context
     storage_path = str(Path(storage).resolve())
     job = TrainJob(
