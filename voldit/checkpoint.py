@@ -114,18 +114,38 @@ def save_checkpoint(
         full_meta = {"format": FORMAT_VERSION, "stage": stage, "versions": versions(), **(meta or {})}
         # meta.json is written last: its presence marks a complete checkpoint.
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, sort_keys=True))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _swap_into_place(staged: Path, path: Path) -> None:
+    """Put a fully written directory at ``path``, replacing what was there; the old one is only removed
+    once the new one is in place."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(staged, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, path)
+
+
+def copy_checkpoint(source: str | Path, target: str | Path) -> Path:
+    """Copy a checkpoint directory to ``target`` atomically (staged beside it, then swapped in)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shutil.copytree(source, staged, dirs_exist_ok=True)
+        _swap_into_place(staged, target)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    return target
 
 
 @dataclass

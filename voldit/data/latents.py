@@ -153,10 +153,14 @@ def summarise(
         labels={k: sorted(v) for k, v in labels.items()},
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
+    _store_info(folder, info)
+    return info
+
+
+def _store_info(folder: str | Path, info: LatentDatasetInfo) -> None:
     tmp = Path(folder) / f".{INFO_FILE}.tmp"
     tmp.write_text(json.dumps(asdict(info), indent=2))
     os.replace(tmp, Path(folder) / INFO_FILE)
-    return info
 
 
 def load_info(folder: str | Path) -> LatentDatasetInfo:
@@ -205,7 +209,5 @@ def rescale_from_tensors(folder: str | Path, limit: int | None = None) -> Latent
     if info.latent_std == 0:
         raise LatentDatasetError(f"{folder}: the latents are constant; no scale factor exists")
     info.scale_factor = 1.0 / info.latent_std
-    tmp = Path(folder) / f".{INFO_FILE}.tmp"
-    tmp.write_text(json.dumps(asdict(info), indent=2))
-    os.replace(tmp, Path(folder) / INFO_FILE)
+    _store_info(folder, info)
     return info

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from ray.train.torch import TorchTrainer
 
 from voldit.builders import model_from_checkpoint
-from voldit.checkpoint import load_checkpoint
+from voldit.checkpoint import Checkpoint, load_checkpoint
 from voldit.config import ConfigError, load_config, section_dict, stage_of
 from voldit.data.latents import LatentDatasetError, load_info
 from voldit.data.manifest import read_manifest
@@ -97,7 +97,8 @@ def _worker(job_dict: dict) -> None:
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        # The reported directory is the run's own `latest`: Ray copies it to storage and must leave it.
+        ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=False)
 
     ctx = RunContext(
         rank=context.get_world_rank(),
@@ -136,9 +137,8 @@ def _build_stage(job: TrainJob, cfg: DictConfig, ctx: RunContext):
     return DiffusionStage(cfg, ctx, job.scale_factor, base_state=base_state, encoder=encoder)
 
 
-def _tgca_config(cfg: DictConfig, dit_checkpoint: str | Path) -> DictConfig:
+def _tgca_config(cfg: DictConfig, base: Checkpoint) -> DictConfig:
     """The TGCA run's config: the frozen VolDiT's architecture comes from its checkpoint."""
-    base = load_checkpoint(dit_checkpoint, stage="dit")
     ours = OmegaConf.to_container(cfg, resolve=True)
     theirs = section_dict(base.config.dit)
     if cfg.dit is not None:
@@ -148,7 +148,7 @@ def _tgca_config(cfg: DictConfig, dit_checkpoint: str | Path) -> DictConfig:
             diff = {k: (v, theirs[section].get(k)) for k, v in arch.items() if theirs[section].get(k) != v}
             if diff:
                 raise TrainingError(
-                    f"the VolDiT checkpoint {dit_checkpoint} has another architecture than the config's dit "
+                    f"the VolDiT checkpoint {base.path} has another architecture than the config's dit "
                     f"section: {', '.join(f'{k}: config {a} vs checkpoint {b}' for k, (a, b) in diff.items())}. "
                     "Leave the dit section out (it is read from the checkpoint) or point --dit at the right run"
                 )
@@ -212,7 +212,8 @@ def train(
             raise ConfigError(
                 "--stage tgca needs a config with a tgca section (e.g. configs/tgca/tgca_ds8.yaml)"
             )
-        cfg = _tgca_config(cfg, dit)
+        base = load_checkpoint(dit, stage="dit")
+        cfg = _tgca_config(cfg, base)
     if stage_of(cfg) != stage:
         raise ConfigError(f"the config describes the {stage_of(cfg)} stage, but --stage is {stage}")
     # Locally, leave CPUs beyond the train workers for Ray Data's read tasks (without them, a 2-core
@@ -228,12 +229,14 @@ def train(
         inject_failure=os.environ.get(FAILURE_ENV),
     )
     datasets = _datasets(cfg, stage, train_data, val_data, dit, vqgan, job)
-    if stage == "tgca":
-        job.base_checkpoint = str(Path(dit).resolve())
-    if stage == "tgca" and cfg.training.scale_factor is None:
-        job.scale_factor = load_checkpoint(dit, stage="dit").meta.get("scale_factor") or job.scale_factor
+    # The scale factor: the config's if given; for TGCA the frozen VolDiT's (it was trained with it);
+    # else the latent dataset's (or the online estimate), which _datasets has set.
     if cfg.training.scale_factor is not None:
         job.scale_factor = float(cfg.training.scale_factor)
+    elif stage == "tgca" and base.meta.get("scale_factor"):
+        job.scale_factor = base.meta["scale_factor"]
+    if stage == "tgca":
+        job.base_checkpoint = str(base.path.resolve())
     job.config = OmegaConf.to_container(cfg, resolve=True)
     job.has_validation = "val" in datasets
     trainer = TorchTrainer(

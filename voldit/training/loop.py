@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from voldit.checkpoint import load_checkpoint, save_checkpoint
+from voldit.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 from voldit.training.context import RunContext, TrainingError
 
 log = logging.getLogger(__name__)
@@ -173,31 +170,13 @@ def _report(stage, ctx: RunContext, cfg, metrics: dict, save: bool, improved: bo
         "best_val_loss": metrics.get("best_val_loss"),
         "val_loss": metrics.get("val_loss"),
     }
-    with tempfile.TemporaryDirectory(prefix="voldit-ckpt-") as tmp:
-        path = save_checkpoint(Path(tmp) / "checkpoint", config=cfg, meta=meta, **payload)
-        named = ctx.run_dir / "checkpoints"
-        copies = (
-            ["latest"]
-            + (["best"] if improved else [])
-            + ([f"epoch_{metrics['epoch']:04d}"] if periodic else [])
-        )
-        for name in copies:
-            _replace_dir(path, named / name)
-        ctx.report(metrics, path)
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Copy a checkpoint directory over ``target`` atomically (copy beside it, then swap)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    named = ctx.run_dir / "checkpoints"
+    latest = save_checkpoint(named / "latest", config=cfg, meta=meta, **payload)
+    if improved:
+        copy_checkpoint(latest, named / "best")
+    if periodic:
+        copy_checkpoint(latest, named / f"epoch_{metrics['epoch']:04d}")
+    ctx.report(metrics, latest)
 
 
 def _diverged(ctx: RunContext, epoch: int, step: int, loss: float) -> dict:
