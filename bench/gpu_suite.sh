@@ -13,3 +13,4 @@ python3 bench/train_step.py --models VolDiT-L/2 VolDiT-B/2 VolDiT-S/2 VolDiT-XS/
   --iters 5 --out "$out/train_p2.json"
 python3 bench/train_step.py --models VolDiT-L/4 --batch 8 --modes bf16_sdpa bf16_sdpa_compile \
   --out "$out/train_l4_b8.json"
+python3 bench/synthesis.py --size full --model VolDiT-L/4 --masks 16 --baseline-masks 2 --batch 8 --out "$out/synthesis_l4.json"  # needs nibabel (carry its wheel)

@@ -136,3 +136,32 @@ def crop_latents(crops, tmp_path_factory):
         summarise(root / split, [64, 64, 32], ["mask"], str(vq_path))
         out[split] = root / split
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tgca_run(crop_latents, tmp_path_factory, ray_session):
+    """A tiny VolDiT and a TGCA on it, each trained briefly in-process on the real CT crop latents;
+    their checkpoints record the VQ-GAN and the mask labels they were trained with."""
+    from voldit.distributed.train import train
+
+    storage = tmp_path_factory.mktemp("runs")
+    quiet = ["training.n_epochs=2", "training.eval_freq=1", "training.log_every_n_steps=1000"]
+    data = (str(crop_latents["train"]), str(crop_latents["val"]))
+    dit = train(
+        load_config(CONFIGS / "tiny" / "dit.yaml", overrides=quiet),
+        "dit",
+        *data,
+        name="dit",
+        storage=storage,
+        workers=0,
+    )
+    tgca = train(
+        load_config(CONFIGS / "tiny" / "tgca.yaml", overrides=quiet),
+        "tgca",
+        *data,
+        dit=str(dit.best),
+        name="tgca",
+        storage=storage,
+        workers=0,
+    )
+    return {"dit": dit.best, "dit_run": dit.run_dir, "tgca": tgca.best, "vqgan": crop_latents["vqgan"]}

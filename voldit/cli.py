@@ -203,6 +203,93 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace):
+    from voldit.sampling import SamplingSettings
+
+    try:
+        return SamplingSettings(
+            sampler=args.sampler,
+            steps=args.steps,
+            eta=args.eta,
+            guidance=getattr(args, "guidance", 1.0),
+            precision=args.precision,
+            decode=args.decode,
+            decode_tile=args.decode_tile,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+@command("sample")
+def _sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from voldit.sampling import epoch_checkpoints, write_samples
+
+    settings = _settings(args)
+    if args.run:
+        if args.epoch_start is None or args.epoch_end is None:
+            raise ConfigError("--run needs --epoch-start and --epoch-end (and optionally --epoch-step)")
+        targets = [
+            (path, Path(args.output) / f"epoch_{epoch:04d}")
+            for epoch, path in epoch_checkpoints(args.run, args.epoch_start, args.epoch_end, args.epoch_step)
+        ]
+    elif args.checkpoint:
+        targets = [(Path(args.checkpoint), Path(args.output))]
+    else:
+        raise ConfigError("give --checkpoint (a VolDiT checkpoint) or --run with an epoch range")
+    for checkpoint, folder in targets:
+        written = write_samples(
+            checkpoint,
+            folder,
+            args.n_samples,
+            seed=args.seed,
+            vqgan=args.vqgan,
+            settings=settings,
+            batch_size=args.batch_size,
+            reference=args.reference,
+            device=args.device,
+        )
+        print(f"{len(written)} volume(s) from {checkpoint} -> {folder} (previews in {folder / 'previews'})")
+    return 0
+
+
+@command("synthesize")
+def _synthesize(args: argparse.Namespace) -> int:
+    from voldit.distributed.synthesize import synthesize
+
+    summary = synthesize(
+        args.csv,
+        args.tgca,
+        args.output,
+        vqgan=args.vqgan,
+        settings=_settings(args),
+        seed=args.seed,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        allow_unseen_labels=args.allow_unseen_labels,
+        previews=not args.no_previews,
+        address=args.address,
+    )
+    rate = f" ({summary.volumes_per_hour:,.0f} volumes/h)" if summary.volumes_per_hour else ""
+    print(
+        f"{summary.total} rows: {summary.synthesized} synthesised{rate}, {summary.skipped} already done, "
+        f"{len(summary.failed)} failed"
+    )
+    print(f"manifest: {summary.manifest}")
+    if summary.contact_sheet:
+        print(f"contact sheet: {summary.contact_sheet}")
+    if summary.failed:
+        for row in summary.failed[:10]:
+            print(f"  failed {row['id']}: {row['error']}", file=sys.stderr)
+        print(
+            f"voldit synthesize: {len(summary.failed)} row(s) failed; see {summary.manifest}", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
 @command("scale-factor")
 def _scale_factor(args: argparse.Namespace) -> int:
     from voldit.data.latents import load_info, rescale_from_tensors
@@ -325,6 +412,56 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="outputs/demo", help="where data, latents and runs go")
     demo.add_argument("--cache", default=".cache/examples", help="where the example CTs are kept")
 
+    smp = verbs.add_parser(
+        "sample", help="unconditional volumes from a VolDiT checkpoint (or an epoch range)"
+    )
+    smp.add_argument(
+        "--checkpoint", "--diff_ckpt", dest="checkpoint", default=None, help="VolDiT checkpoint directory"
+    )
+    smp.add_argument(
+        "--run",
+        "--diff_run_dir",
+        dest="run",
+        default=None,
+        help="epoch-range mode: a training run folder (sample each checkpoints/epoch_NNNN in the range)",
+    )
+    smp.add_argument("--epoch-start", "--epoch_start", dest="epoch_start", type=int, default=None)
+    smp.add_argument("--epoch-end", "--epoch_end", dest="epoch_end", type=int, default=None)
+    smp.add_argument("--epoch-step", "--epoch_step", dest="epoch_step", type=int, default=1)
+    smp.add_argument("--output", "--output_dir", dest="output", required=True, help="folder for the volumes")
+    smp.add_argument("--n-samples", "--n_samples", dest="n_samples", type=int, default=4)
+    smp.add_argument(
+        "--reference",
+        "--reference_nii",
+        dest="reference",
+        default=None,
+        help="NIfTI whose affine (orientation, spacing) the samples get; default 1 mm isotropic",
+    )
+    smp.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    _sampling_flags(smp)
+
+    syn = verbs.add_parser(
+        "synthesize", help="one conditional volume per mask row of a CSV, as a Ray Data batch job"
+    )
+    syn.add_argument(
+        "--csv", required=True, help="rows with one mask column per condition key, optional id and seed"
+    )
+    syn.add_argument("--tgca", "--tgca_ckpt", dest="tgca", required=True, help="TGCA checkpoint directory")
+    syn.add_argument("--output", "--output_dir", dest="output", required=True, help="output folder")
+    syn.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1.0: none)")
+    syn.add_argument("--workers", type=int, default=1, help="synthesizer actors at most (one per GPU)")
+    syn.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (0: CPU)")
+    syn.add_argument(
+        "--allow-unseen-labels",
+        action="store_true",
+        help="synthesise from masks with label values the TGCA never saw in training",
+    )
+    syn.add_argument("--no-previews", action="store_true", help="skip the preview PNGs and contact sheet")
+    syn.add_argument(
+        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)"
+    )
+    _sampling_flags(syn)
+
     scale = verbs.add_parser(
         "scale-factor", help="show, or recompute from the tensors, a latent dataset's scale factor"
     )
@@ -334,11 +471,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sampling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vqgan",
+        "--stage1_ckpt",
+        dest="vqgan",
+        default=None,
+        help="VQ-GAN checkpoint (default: the one recorded in the diffusion checkpoint)",
+    )
+    parser.add_argument("--sampler", "--scheduler", dest="sampler", choices=["ddpm", "ddim"], default="ddpm")
+    parser.add_argument("--steps", "--timesteps", dest="steps", type=int, default=300, help="denoising steps")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (rows without a seed column)")
+    parser.add_argument(
+        "--batch-size", "--batch_size", dest="batch_size", type=int, default=4, help="volumes per pass"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "no"],
+        default="auto",
+        help="autocast (auto: bf16 on GPU)",
+    )
+    parser.add_argument(
+        "--decode",
+        choices=["auto", "direct", "tiled"],
+        default="auto",
+        help="VQ-GAN decode whole or in tiles (auto: whole, tiles when out of memory)",
+    )
+    parser.add_argument(
+        "--decode-tile", type=int, default=16, help="latent voxels per tile axis for tiled decoding"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from voldit.checkpoint import CheckpointError
     from voldit.data.latents import LatentDatasetError
     from voldit.data.manifest import ManifestError
     from voldit.distributed.runtime import GPUUnavailable
+    from voldit.synthesis import SynthesisError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -349,7 +519,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.name = args.stage
     try:
         return _COMMANDS[name](args)
-    except (ConfigError, CheckpointError, ManifestError, LatentDatasetError, GPUUnavailable) as error:
+    except (
+        ConfigError,
+        CheckpointError,
+        ManifestError,
+        LatentDatasetError,
+        GPUUnavailable,
+        SynthesisError,
+    ) as error:
         print(f"voldit {name}: error: {error}", file=sys.stderr)
         return 2
 

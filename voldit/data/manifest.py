@@ -28,10 +28,13 @@ def read_manifest(
     columns: Sequence[str] = ("image",),
     check_files: bool = True,
     id_column: str = "id",
+    unique: Sequence[str] | None = (),
 ) -> pd.DataFrame:
     """Read a manifest, require ``columns``, and report duplicate rows and missing files by row number.
 
     Paths may be local or URLs (``s3://...``). Row numbers are 1-based data rows (the header is row 0).
+    Rows repeating an earlier row's ``unique`` columns (default: ``columns``) are problems; ``None``
+    allows repeats (e.g. several syntheses from one mask).
     Without an ``id`` column, ids are made from the first column's file names (made unique with the
     row number when two names collide).
     """
@@ -51,9 +54,10 @@ def read_manifest(
                 problems.append(f"row {row}: empty {column}")
             elif check_files and not _exists(value):
                 problems.append(f"row {row}: {column} {value} does not exist")
-    duplicated = frame.duplicated(subset=list(columns), keep="first")
-    for row in (frame.index[duplicated] + 1).tolist():
-        problems.append(f"row {row}: duplicates an earlier row")
+    if unique is not None:
+        duplicated = frame.duplicated(subset=list(unique or columns), keep="first")
+        for row in (frame.index[duplicated] + 1).tolist():
+            problems.append(f"row {row}: duplicates an earlier row")
     if problems:
         shown = "\n  ".join(problems[:20]) + (
             f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

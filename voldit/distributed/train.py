@@ -44,6 +44,7 @@ class TrainJob:
     vqgan_checkpoint: str | None = None
     inject_failure: str | None = None
     has_validation: bool = False
+    provenance: dict | None = None  # stored in every checkpoint's meta: the VQ-GAN, the label values seen
 
 
 @dataclass
@@ -134,7 +135,9 @@ def _build_stage(job: TrainJob, cfg: DictConfig, ctx: RunContext):
     encoder = None
     if job.vqgan_checkpoint:
         encoder = model_from_checkpoint(load_checkpoint(job.vqgan_checkpoint, stage="vqgan"))
-    return DiffusionStage(cfg, ctx, job.scale_factor, base_state=base_state, encoder=encoder)
+    return DiffusionStage(
+        cfg, ctx, job.scale_factor, base_state=base_state, encoder=encoder, provenance=job.provenance
+    )
 
 
 def _tgca_config(cfg: DictConfig, base: Checkpoint) -> DictConfig:
@@ -172,6 +175,23 @@ def _check_latents(cfg: DictConfig, folder: str, stage: str) -> float:
                 f"the latents in {folder} carry no {missing}; encode with --condition-keys {missing[0]}"
             )
     return info.scale_factor
+
+
+def _provenance(stage: str, train_data: str, job: TrainJob, base: Checkpoint | None) -> dict:
+    """What sampling needs beside the weights: the VQ-GAN that decodes the latents and, for TGCA, the
+    label values each condition key was trained with (synthesis refuses masks with others)."""
+    out: dict = {}
+    if job.vqgan_checkpoint:
+        out["vqgan_checkpoint"] = job.vqgan_checkpoint
+    else:
+        info = load_info(train_data)
+        if info.vqgan_checkpoint:
+            out["vqgan_checkpoint"] = info.vqgan_checkpoint
+        if stage == "tgca":
+            out["condition_labels"] = {k: info.labels.get(k) for k in info.condition_keys}
+    if "vqgan_checkpoint" not in out and base is not None and base.meta.get("vqgan_checkpoint"):
+        out["vqgan_checkpoint"] = base.meta["vqgan_checkpoint"]
+    return out
 
 
 def _estimate_scale_factor(frame, vqgan: str, roi_size, limit: int = 8) -> float:
@@ -237,6 +257,8 @@ def train(
         job.scale_factor = base.meta["scale_factor"]
     if stage == "tgca":
         job.base_checkpoint = str(base.path.resolve())
+    if stage != "vqgan":
+        job.provenance = _provenance(stage, train_data, job, base if stage == "tgca" else None)
     job.config = OmegaConf.to_container(cfg, resolve=True)
     job.has_validation = "val" in datasets
     trainer = TorchTrainer(

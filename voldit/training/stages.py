@@ -93,8 +93,10 @@ class DiffusionStage:
         scale_factor: float,
         base_state: dict[str, torch.Tensor] | None = None,
         encoder: nn.Module | None = None,
+        provenance: dict | None = None,
     ) -> None:
         self.cfg, self.ctx, self.scale_factor = cfg, ctx, float(scale_factor)
+        self.provenance = dict(provenance or {})
         self.stage = "tgca" if cfg.tgca is not None else "dit"
         torch.manual_seed(cfg.training.seed)  # identical initial weights on every worker
         if self.stage == "tgca":
@@ -220,6 +222,7 @@ class DiffusionStage:
                 "scale_factor": self.scale_factor,
                 "latent_shape": list(self.expected),
                 "tokens": self.tokens,
+                **self.provenance,
             },
         }
 

@@ -1,0 +1,189 @@
+"""`voldit synthesize`: a Ray Data job of synthesizer actors over a mask CSV, resumable and idempotent."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ray
+from tqdm.auto import tqdm
+
+from voldit.checkpoint import load_checkpoint
+from voldit.distributed.runtime import ensure_ray, require_gpus
+from voldit.previews import contact_sheet, save_png
+from voldit.sampling import SamplingSettings, fingerprint, resolve_vqgan
+from voldit.synthesis import (
+    CONTACT_SHEET,
+    MANIFEST,
+    RUN_INFO,
+    Layout,
+    SynthesisError,
+    Synthesizer,
+    is_complete,
+    manifest_frame,
+    plan_rows,
+    read_record,
+    write_manifest,
+    write_record,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SynthesisSummary:
+    total: int
+    skipped: int
+    synthesized: int
+    failed: list[dict] = field(default_factory=list)
+    manifest: Path | None = None
+    contact_sheet: Path | None = None
+    volumes_per_hour: float | None = None
+
+
+def synthesize(
+    csv: str | Path,
+    checkpoint: str | Path,
+    output: str | Path,
+    vqgan: str | Path | None = None,
+    settings: SamplingSettings | None = None,
+    seed: int = 0,
+    batch_size: int = 4,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    allow_unseen_labels: bool = False,
+    previews: bool = True,
+    address: str | None = None,
+    progress: bool = True,
+) -> SynthesisSummary:
+    """Synthesise one volume per CSV row that has none yet in ``output``; see `voldit.synthesis`.
+
+    Rows travel as paths and seeds; each actor loads the models once and samples ``batch_size`` masks
+    per denoising pass. Rows that fail are recorded with their reason and the others still run.
+    """
+    settings = settings or SamplingSettings()
+    tgca = load_checkpoint(checkpoint, stage="tgca")  # fail before any work if a checkpoint is wrong
+    vq = resolve_vqgan(tgca, vqgan)
+    keys = list(tgca.config.tgca.condition_keys)
+    frame = plan_rows(csv, keys, seed)
+    output = Path(output)
+    layout = Layout(output)
+    _claim(output, tgca, vq, settings)
+    if removed := layout.remove_temporaries():
+        log.info("removed %d half-written file(s) from an interrupted run", removed)
+
+    done = {name for name in frame["name"] if is_complete(layout, read_record(layout, name))}
+    todo = frame[~frame["name"].isin(done) & (frame["problem"] == "")]
+    for row in frame[frame["problem"] != ""].to_dict("records"):
+        write_record(layout, _planned_failure(row, keys, row["problem"]))
+    summary = SynthesisSummary(total=len(frame), skipped=len(done), synthesized=0)
+    log.info("%d rows in %s: %d already synthesised, %d to do", len(frame), csv, len(done), len(todo))
+    if len(todo):
+        elapsed = _run(
+            todo[["id", "name", "seed", *keys]].to_dict("records"),
+            checkpoint,
+            vq.path,
+            output,
+            settings,
+            allow_unseen_labels,
+            previews,
+            batch_size,
+            workers,
+            gpus_per_worker,
+            address,
+            progress,
+        )
+        ok = sum(1 for n in todo["name"] if (read_record(layout, n) or {}).get("status") == "ok")
+        summary.synthesized = ok
+        summary.volumes_per_hour = ok / elapsed * 3600 if elapsed > 0 and ok else None
+    manifest = manifest_frame(frame, layout, keys)
+    summary.manifest = write_manifest(manifest, output / MANIFEST)
+    summary.failed = manifest[manifest["status"] != "ok"][["id", "error"]].to_dict("records")
+    shown = [(r["id"], Path(r["preview"])) for r in manifest.to_dict("records") if r["preview"]]
+    if shown:
+        summary.contact_sheet = save_png(contact_sheet(shown), output / CONTACT_SHEET)
+    return summary
+
+
+def _claim(output: Path, tgca, vq, settings: SamplingSettings) -> None:
+    """Refuse to mix volumes made by other checkpoints or settings into one folder."""
+    info = {
+        "checkpoint": str(tgca.path.resolve()),
+        "checkpoint_id": fingerprint(tgca.path),
+        "vqgan": str(vq.path.resolve()),
+        "vqgan_id": fingerprint(vq.path),
+        **settings.recorded(),
+    }
+    path = output / RUN_INFO
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        keys = ("checkpoint_id", "vqgan_id", *settings.recorded())
+        differ = {k: (previous.get(k), info[k]) for k in keys if previous.get(k) != info[k]}
+        if differ:
+            shown = ", ".join(f"{k}: {a} before, {b} now" for k, (a, b) in differ.items())
+            raise SynthesisError(
+                f"{output} holds volumes made with other checkpoints or settings ({shown}); "
+                "use another --output, or the same settings to finish that run"
+            )
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({**info, "settings": asdict(settings)}, indent=2))
+    os.replace(tmp, path)
+
+
+def _planned_failure(row: dict, keys: list[str], reason: str) -> dict:
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "masks": {k: row[k] for k in keys},
+        "seed": row["seed"],
+        "status": "failed",
+        "error": reason,
+        "seconds": 0.0,
+    }
+
+
+def _run(
+    rows,
+    checkpoint,
+    vqgan,
+    output,
+    settings,
+    allow_unseen,
+    previews,
+    batch_size,
+    workers,
+    gpus,
+    address,
+    progress,
+) -> float:
+    ensure_ray(address)
+    require_gpus(gpus, 1)
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
+    statuses = dataset.map_batches(
+        Synthesizer,
+        fn_constructor_kwargs=dict(
+            checkpoint=str(Path(checkpoint).resolve()),
+            output=str(output.resolve()),
+            vqgan=str(Path(vqgan).resolve()),
+            settings=asdict(settings),
+            allow_unseen_labels=allow_unseen,
+            previews=previews,
+        ),
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)),
+        num_gpus=gpus,
+        num_cpus=1,
+    )
+    start = time.perf_counter()
+    failed = 0
+    with tqdm(total=len(rows), desc="synthesize", unit="vol", disable=not progress) as bar:
+        for row in statuses.iter_rows():
+            failed += bool(row["error"])
+            bar.update(1)
+            bar.set_postfix(failed=failed, s_per_vol=f"{row['seconds']:.1f}")
+    return time.perf_counter() - start

@@ -1,0 +1,315 @@
+"""Conditional synthesis, one CT volume per mask row: the rows' plan, the output folder's layout and
+per-row records, and the batch callable that Ray actors run (it knows nothing of Ray).
+
+Output folder:
+
+    volumes/<name>.nii.gz     int16 HU on the mask's own grid (its shape, affine and spacing)
+    previews/<name>.png       axial, coronal and sagittal mid-slices, and the same with mask outlines
+    records/<name>.json       one per finished row (ok or failed): what made it, how long it took
+    manifest.csv              every row of the CSV, in order, from the records
+    contact_sheet.png         the previews side by side
+    run.json                  the checkpoints and settings every volume in the folder was made with
+
+Every file is written under a temporary name and renamed when complete, so a killed job leaves
+nothing half-written under a final name; the record is written last, so a row with a record is done.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from voldit.data.intensity import unit_to_hu_int16
+from voldit.data.manifest import read_manifest
+from voldit.data.nifti import VolumeError, check_same_grid, read_volume, write_volume
+from voldit.data.preprocess import PreparedCondition, prepare_condition
+from voldit.previews import preview, save_png
+from voldit.sampling import Pipeline, SamplingSettings, seed_for
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.csv"
+RUN_INFO = "run.json"
+CONTACT_SHEET = "contact_sheet.png"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class SynthesisError(RuntimeError):
+    """A synthesis job that cannot start as asked; nothing has been written."""
+
+
+def safe_name(row_id: str) -> str:
+    """A file name made from a row id that cannot leave the output folder.
+
+    Path separators, `.` and `..` components and unusual characters are removed; an id that had to be
+    changed gets a short hash of the original, so two ids never map to one name by accident.
+    """
+    parts = [p for p in re.split(r"[\\/]+", row_id) if p not in ("", ".", "..")]
+    name = _UNSAFE.sub("_", "_".join(parts)).strip("._")[:100]
+    if name != row_id:
+        name = f"{name or 'row'}-{hashlib.sha256(row_id.encode()).hexdigest()[:8]}"
+    return name
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each of a row's files goes in an output folder."""
+
+    root: Path
+
+    def volume(self, name: str) -> Path:
+        return self.root / "volumes" / f"{name}.nii.gz"
+
+    def preview(self, name: str) -> Path:
+        return self.root / "previews" / f"{name}.png"
+
+    def record(self, name: str) -> Path:
+        return self.root / "records" / f"{name}.json"
+
+    def remove_temporaries(self) -> int:
+        """Delete files a killed run left half-written (hidden temporaries); returns how many."""
+        stale = [p for sub in ("volumes", "previews", "records") for p in (self.root / sub).glob(".*")]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
+
+def write_record(layout: Layout, record: dict) -> None:
+    path = layout.record(record["name"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def read_record(layout: Layout, name: str) -> dict | None:
+    path = layout.record(name)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def is_complete(layout: Layout, record: dict | None) -> bool:
+    """A row is done when its record says ok and its volume is there with the recorded shape."""
+    if not record or record.get("status") != "ok":
+        return False
+    path = layout.volume(record["name"])
+    try:
+        return list(nib.load(path).shape) == record["shape"]
+    except (OSError, nib.filebasedimages.ImageFileError, EOFError):
+        return False
+
+
+def plan_rows(csv: str | Path, condition_keys: list[str], base_seed: int = 0) -> pd.DataFrame:
+    """The CSV's rows with ``id``, ``name`` (safe file name), ``seed`` and ``problem`` (a reason the row
+    cannot run, found before any work: a bad seed or a name taken by an earlier row).
+
+    Missing or unreadable mask files are not problems here: they are found and recorded per row.
+    A ``seed`` column gives each row's seed; without one, seeds derive from the ids and ``base_seed``.
+    """
+    frame = read_manifest(csv, condition_keys, check_files=False, unique=None)
+    if frame["id"].duplicated().any():
+        dupes = sorted(set(frame["id"][frame["id"].duplicated()]))[:5]
+        raise SynthesisError(f"{csv}: the id column has duplicates ({dupes}); ids name the outputs")
+    frame["name"] = frame["id"].map(safe_name)
+    problems = [""] * len(frame)
+    seeds = []
+    for i, row in enumerate(frame.to_dict("records")):
+        raw = str(row.get("seed", "")).strip()
+        if raw:
+            try:
+                seeds.append(int(raw))
+            except ValueError:
+                seeds.append(-1)
+                problems[i] = f"seed {raw!r} is not an integer"
+        else:
+            seeds.append(seed_for(row["id"], base_seed))
+    frame["seed"] = seeds
+    taken = frame["name"].duplicated(keep="first")
+    for i in np.flatnonzero(taken.to_numpy()):
+        problems[i] = problems[i] or f"its output name {frame['name'][i]!r} is taken by an earlier row"
+    frame["problem"] = problems
+    return frame
+
+
+class Synthesizer:
+    """Batch of rows {id, name, seed, <condition key>: mask path} -> volumes, previews and records;
+    returns one status per row.
+
+    Loads the TGCA and VQ-GAN once (an actor's lifetime), samples every readable row of the batch in one
+    denoising pass, then decodes and writes each volume on its mask's grid. Unreadable or unusable masks
+    are recorded as failed with their reason; the other rows still run.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        output: str | Path,
+        vqgan: str | Path | None = None,
+        settings: dict | None = None,
+        allow_unseen_labels: bool = False,
+        previews: bool = True,
+        device: str | None = None,
+    ) -> None:
+        self.settings = SamplingSettings(**(settings or {}))
+        self.pipeline = Pipeline(checkpoint, vqgan, self.settings, device, stage="tgca")
+        self.layout = Layout(Path(output))
+        self.allow_unseen_labels = allow_unseen_labels
+        self.previews = previews
+
+    def _masks(self, row: dict) -> tuple[PreparedCondition, np.ndarray]:
+        masks = {}
+        for key in self.pipeline.condition_keys:
+            path = row[key]
+            mask = read_volume(path, dtype=np.float32)
+            if not mask.array.any():
+                raise VolumeError(f"{key} {path}: the mask is empty (no labelled voxel)")
+            values = np.unique(mask.array)
+            if not np.array_equal(values, np.round(values)):
+                raise VolumeError(f"{key} {path}: not a label map (non-integer values)")
+            trained = self.pipeline.condition_labels.get(key)
+            unseen = sorted(set(values.astype(int).tolist()) - set(trained or []))
+            if trained is not None and unseen and not self.allow_unseen_labels:
+                raise VolumeError(
+                    f"{key} {path}: label value(s) {unseen[:10]} were never in the training masks "
+                    f"(trained on {len(trained)} values, {trained[0]}..{trained[-1]}); "
+                    "pass --allow-unseen-labels to synthesise anyway"
+                )
+            if masks:
+                first = next(iter(masks.values()))
+                check_same_grid(first, mask, f"{row['id']}: {key}")
+            masks[key] = mask
+        prepared = prepare_condition(masks, self.pipeline.roi_size)
+        if not prepared.condition.any():
+            raise VolumeError(
+                f"{row['id']}: no labelled voxel inside the model's field of view (the centred "
+                f"{'x'.join(map(str, self.pipeline.roi_size))} voxels of the mask)"
+            )
+        first = next(iter(masks.values()))
+        return prepared, first.array
+
+    def _record(self, row: dict, **fields) -> dict:
+        p = self.pipeline
+        record = {
+            "id": row["id"],
+            "name": row["name"],
+            "masks": {k: row[k] for k in p.condition_keys},
+            "output": "",
+            "preview": "",
+            "seed": int(row["seed"]),
+            **self.settings.recorded(),
+            "checkpoint": str(p.checkpoint.path),
+            "checkpoint_id": p.ids["checkpoint"],
+            "vqgan": str(p.vqgan_checkpoint.path),
+            "vqgan_id": p.ids["vqgan"],
+            "status": "ok",
+            "error": "",
+            "seconds": 0.0,
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        record.update(fields)
+        return record
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        start = time.perf_counter()
+        rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        results = {r["id"]: "" for r in rows}
+        ready = []
+        for row in rows:
+            try:
+                ready.append((row, *self._masks(row)))
+            except VolumeError as error:
+                results[row["id"]] = str(error)
+        if ready:
+            try:
+                self._generate(ready, start)
+            except Exception as error:  # noqa: BLE001 - one failing batch must not end the job
+                log.exception("batch of %d rows failed", len(ready))
+                for row, *_ in ready:
+                    results[row["id"]] = f"synthesis failed: {type(error).__name__}: {error}"
+        seconds = (time.perf_counter() - start) / len(rows)
+        for row in rows:
+            if results[row["id"]]:
+                write_record(
+                    self.layout, self._record(row, status="failed", error=results[row["id"]], seconds=seconds)
+                )
+        return {
+            "id": [r["id"] for r in rows],
+            "error": [results[r["id"]] for r in rows],
+            "seconds": [seconds] * len(rows),
+        }
+
+    def _generate(self, ready: list, start: float) -> None:
+        condition = torch.stack([prepared.condition for _, prepared, _ in ready])  # (B, K, *roi_size)
+        latents = self.pipeline.sample_latents([int(row["seed"]) for row, *_ in ready], condition)
+        sampled = time.perf_counter()
+        share = (sampled - start) / len(ready)
+        for (row, prepared, mask), latent in zip(ready, latents, strict=True):
+            began = time.perf_counter()
+            image = self.pipeline.decode(latent[None])[0]  # (*roi_size) in [-1, 1]
+            hu = unit_to_hu_int16(prepared.restore(image))  # back on the mask's grid
+            volume = write_volume(self.layout.volume(row["name"]), hu, prepared.source_affine)
+            shown = ""
+            if self.previews:
+                labels = np.rint(mask).astype(np.int32)
+                picture = preview(hu, prepared.source_affine, labels, title=row["name"])
+                shown = str(save_png(picture, self.layout.preview(row["name"])))
+            record = self._record(
+                row,
+                output=str(volume),
+                preview=shown,
+                shape=list(hu.shape),
+                seconds=share + time.perf_counter() - began,
+            )
+            write_record(self.layout, record)
+
+
+def manifest_frame(frame: pd.DataFrame, layout: Layout, condition_keys: list[str]) -> pd.DataFrame:
+    """One manifest row per CSV row, in CSV order, from the records (rows without one: not run)."""
+    columns = [
+        "id",
+        *condition_keys,
+        "output",
+        "preview",
+        "seed",
+        "sampler",
+        "steps",
+        "eta",
+        "guidance",
+        "checkpoint_id",
+        "vqgan_id",
+        "status",
+        "error",
+        "seconds",
+    ]
+    out = []
+    for row in frame.to_dict("records"):
+        record = read_record(layout, row["name"]) or {}
+        line = {c: record.get(c, "") for c in columns}
+        line.update({"id": row["id"], "seed": row["seed"], **{k: row[k] for k in condition_keys}})
+        line["status"] = record.get("status", "not run")
+        out.append(line)
+    return pd.DataFrame(out, columns=columns)
+
+
+def write_manifest(frame: pd.DataFrame, path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
