@@ -290,6 +290,36 @@ def _synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("evaluate")
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from voldit.report import write_report
+
+    vqgan = args.vqgan
+    run_info = Path(args.generated) / "run.json"
+    if vqgan is None and run_info.is_file():  # a `voldit synthesize` folder names its VQ-GAN
+        vqgan = json.loads(run_info.read_text()).get("vqgan")
+    results = write_report(args.generated, args.real, args.output, vqgan=vqgan, size=args.size)
+    h, m = results["hu_histogram"], results["mmd"]
+    print(
+        f"HU histogram: Wasserstein {h['wasserstein_hu']:.1f} HU, JS {h['js_divergence']:.4f} bits; "
+        f"MMD^2 {m['mmd2']:.4g}"
+    )
+    d = results["ms_ssim_diversity"]
+    print(f"MS-SSIM within generated {d['generated']}, within real {d['real']}")
+    if "vqgan_frechet_distance" in results:
+        print(f"VQ-GAN Frechet distance {results['vqgan_frechet_distance']['value']:.4g}")
+    if "mask_fidelity" in results:
+        f = results["mask_fidelity"]
+        print(
+            f"mask fidelity: tissue Dice {f['tissue_dice_mean']}, median HU error per label "
+            f"{f['label_median_hu_abs_error']} HU"
+        )
+    print(f"report: {Path(args.output) / 'report.md'} (evaluation.json, plots and previews beside it)")
+    return 0
+
+
 @command("scale-factor")
 def _scale_factor(args: argparse.Namespace) -> int:
     from voldit.data.latents import load_info, rescale_from_tensors
@@ -408,8 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
     tr.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
 
-    demo = verbs.add_parser("demo", help="the pipeline so far on real example CT with the tiny configs")
-    demo.add_argument("--output", default="outputs/demo", help="where data, latents and runs go")
+    demo = verbs.add_parser(
+        "demo", help="the whole pipeline on real example CT with the tiny configs, with a report"
+    )
+    demo.add_argument(
+        "--output", default="outputs/demo", help="where data, latents, runs, volumes and the report go"
+    )
     demo.add_argument("--cache", default=".cache/examples", help="where the example CTs are kept")
 
     smp = verbs.add_parser(
@@ -462,6 +496,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _sampling_flags(syn)
 
+    ev = verbs.add_parser(
+        "evaluate", help="compare generated volumes with real ones (and their masks); write a report"
+    )
+    ev.add_argument(
+        "--generated",
+        required=True,
+        help="a `voldit synthesize` output folder, a folder of NIfTI files, or a CSV with an image column",
+    )
+    ev.add_argument(
+        "--real", required=True, help="a folder of NIfTI files, or a CSV with image (and mask) columns"
+    )
+    ev.add_argument("--output", required=True, help="folder for evaluation.json, report.md, plots")
+    ev.add_argument(
+        "--vqgan",
+        default=None,
+        help="VQ-GAN checkpoint for the feature distance (default: a synthesize folder's own)",
+    )
+    ev.add_argument(
+        "--size",
+        type=int,
+        nargs=3,
+        default=None,
+        help="grid the set metrics compare on (default: VQ-GAN roi)",
+    )
+
     scale = verbs.add_parser(
         "scale-factor", help="show, or recompute from the tensors, a latent dataset's scale factor"
     )
@@ -508,6 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from voldit.data.latents import LatentDatasetError
     from voldit.data.manifest import ManifestError
     from voldit.distributed.runtime import GPUUnavailable
+    from voldit.evaluation import EvaluationError
     from voldit.synthesis import SynthesisError
 
     args = build_parser().parse_args(argv)
@@ -526,6 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         LatentDatasetError,
         GPUUnavailable,
         SynthesisError,
+        EvaluationError,
     ) as error:
         print(f"voldit {name}: error: {error}", file=sys.stderr)
         return 2
