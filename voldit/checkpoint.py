@@ -190,11 +190,15 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path, stage: str | None = None) -> Checkpoint:
-    """Open a checkpoint directory; with ``stage``, insist that it is a checkpoint of that stage."""
-    path = Path(path)
+    """Open a checkpoint directory (local, or an ``s3://`` URL, cached locally); with ``stage``, insist
+    that it is a checkpoint of that stage."""
+    from voldit import storage
+
+    source = path
+    path = storage.localize_dir(path)
     if not path.is_dir():
         raise CheckpointError(
-            f"checkpoint {path} does not exist (a checkpoint is a directory with meta.json)"
+            f"checkpoint {source} does not exist (a checkpoint is a directory with meta.json)"
         )
     if not (path / "meta.json").is_file():
         raise CheckpointError(f"{path} is not a complete voldit checkpoint: meta.json is missing")

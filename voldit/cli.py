@@ -568,12 +568,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from voldit.data.manifest import ManifestError
     from voldit.distributed.runtime import GPUUnavailable
     from voldit.evaluation import EvaluationError
+    from voldit.storage import StorageError
     from voldit.synthesis import SynthesisError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec"):  # credential lookups at INFO
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     name = args.verb + (f" {args.config_verb}" if args.verb == "config" else "")
     if args.verb == "train" and args.name is None:
         args.name = args.stage
@@ -587,6 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         GPUUnavailable,
         SynthesisError,
         EvaluationError,
+        StorageError,
     ) as error:
         print(f"voldit {name}: error: {error}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ class Encoder:
         self.device = torch.device(device) if device else default_device()
         self.model = model_from_checkpoint(ckpt).to(self.device)
         self.roi_size = list(roi_size or ckpt.config.training.roi_size)
-        self.output = Path(output)
+        self.output = str(output)
         self.condition_keys = list(condition_keys)
 
     def _load(self, row: dict) -> dict:

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from voldit import storage
 from voldit.data.intensity import unit_to_hu_int16
 from voldit.data.manifest import read_manifest
 from voldit.data.nifti import VolumeError, check_same_grid, read_volume, write_volume
@@ -65,9 +66,32 @@ def safe_name(row_id: str) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each of a row's files goes in an output folder."""
+    """Where each of a row's files goes in an output folder. With a ``remote`` (s3://) output, files are
+    written under ``root`` (a local staging folder) and uploaded as each is completed."""
 
     root: Path
+    remote: str | None = None
+
+    def publish(self, path: Path, keep: bool = True) -> str:
+        """Upload a completed file to the remote output (its URL), or return its local path."""
+        path = Path(path)
+        if not self.remote:
+            return str(path)
+        dest = storage.join(self.remote, path.relative_to(self.root).as_posix())
+        fs, inner = storage.filesystem(dest)
+        fs.put_file(str(path), inner)
+        if not keep:
+            path.unlink()
+        return dest
+
+    def pull_records(self) -> None:
+        """Bring a remote output's records into the staging folder (they say which rows are done)."""
+        if self.remote and storage.exists(storage.join(self.remote, "records")):
+            fs, inner = storage.filesystem(storage.join(self.remote, "records"))
+            local = self.root / "records"
+            local.mkdir(parents=True, exist_ok=True)
+            for path in fs.glob(f"{inner}/*.json"):
+                fs.get_file(path, str(local / Path(path).name))
 
     def volume(self, name: str) -> Path:
         return self.root / "volumes" / f"{name}.nii.gz"
@@ -92,6 +116,7 @@ def write_record(layout: Layout, record: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)
+    layout.publish(path)
 
 
 def read_record(layout: Layout, name: str) -> dict | None:
@@ -108,6 +133,8 @@ def is_complete(layout: Layout, record: dict | None) -> bool:
     """A row is done when its record says ok and its volume is there with the recorded shape."""
     if not record or record.get("status") != "ok":
         return False
+    if layout.remote:  # an S3 object exists only once its upload completed
+        return storage.exists(record["output"])
     path = layout.volume(record["name"])
     try:
         return list(nib.load(path).shape) == record["shape"]
@@ -165,10 +192,11 @@ class Synthesizer:
         allow_unseen_labels: bool = False,
         previews: bool = True,
         device: str | None = None,
+        remote: str | None = None,
     ) -> None:
         self.settings = SamplingSettings(**(settings or {}))
         self.pipeline = Pipeline(checkpoint, vqgan, self.settings, device, stage="tgca")
-        self.layout = Layout(Path(output))
+        self.layout = Layout(Path(output), remote)
         self.allow_unseen_labels = allow_unseen_labels
         self.previews = previews
 
@@ -265,14 +293,15 @@ class Synthesizer:
             image = self.pipeline.decode(latent[None])[0]  # (*roi_size) in [-1, 1]
             hu = unit_to_hu_int16(prepared.restore(image))  # back on the mask's grid
             volume = write_volume(self.layout.volume(row["name"]), hu, prepared.source_affine)
+            volume = self.layout.publish(volume, keep=False)  # remote: the staging copy is not kept
             shown = ""
             if self.previews:
                 labels = np.rint(mask).astype(np.int32)
                 picture = preview(hu, prepared.source_affine, labels, title=row["name"])
-                shown = str(save_png(picture, self.layout.preview(row["name"])))
+                shown = self.layout.publish(save_png(picture, self.layout.preview(row["name"])))
             record = self._record(
                 row,
-                output=str(volume),
+                output=volume,
                 preview=shown,
                 shape=list(hu.shape),
                 seconds=share + time.perf_counter() - began,

@@ -16,6 +16,7 @@ import datetime
 import json
 import math
 import os
+import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from voldit import storage
 
 INFO_FILE = "dataset.json"
 PART_GLOB = "part-*.parquet"
@@ -57,10 +60,9 @@ def _tensor_column(arrays: Sequence[np.ndarray], dtype) -> pa.Array:
     return pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
 
 
-def write_part(folder: str | Path, rows: list[dict], condition_keys: Sequence[str] = ()) -> Path:
-    """Write rows ({id, image, latent, affine, <key>, <key>_path}) as one new part, atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+def write_part(folder: str | Path, rows: list[dict], condition_keys: Sequence[str] = ()) -> str:
+    """Write rows ({id, image, latent, affine, <key>, <key>_path}) as one new part, atomically, into a
+    local folder or an ``s3://`` prefix."""
     latents = np.stack([np.asarray(r["latent"], dtype=np.float32) for r in rows])
     columns = {
         "id": pa.array([r["id"] for r in rows], pa.string()),
@@ -84,22 +86,29 @@ def write_part(folder: str | Path, rows: list[dict], condition_keys: Sequence[st
     }
     table = pa.table(columns).replace_schema_metadata({_STATS_KEY: json.dumps(stats).encode()})
     name = f"part-{uuid.uuid4().hex[:16]}.parquet"
-    tmp = folder / f".{name}.tmp"
+    # Staged beside the target when local (then renamed), in the temp folder when remote (then uploaded).
+    staging = None if storage.is_remote(folder) else Path(folder)
+    if staging is not None:
+        staging.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=staging)
+    os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, folder / name)
+        return storage.put_file(tmp, storage.join(folder, name))
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
-    return folder / name
 
 
-def parts(folder: str | Path) -> list[Path]:
-    return sorted(Path(folder).glob(PART_GLOB))
+def parts(folder: str | Path) -> list[str]:
+    """The committed parts of a latent folder (local or remote), sorted."""
+    return storage.glob(storage.join(folder, PART_GLOB))
 
 
 def remove_stale_temporaries(folder: str | Path) -> int:
-    """Delete half-written parts left by a killed run; returns how many."""
+    """Delete half-written parts left by a killed run (local folders; S3 uploads are all or nothing)."""
+    if storage.is_remote(folder):
+        return 0
     stale = list(Path(folder).glob(".part-*.tmp"))
     for path in stale:
         path.unlink(missing_ok=True)
@@ -109,8 +118,9 @@ def remove_stale_temporaries(folder: str | Path) -> int:
 def committed_ids(folder: str | Path) -> set[str]:
     """Ids of every row already written to a part."""
     ids: set[str] = set()
+    fs, _ = storage.filesystem(folder)
     for part in parts(folder):
-        ids.update(pq.read_table(part, columns=["id"])["id"].to_pylist())
+        ids.update(pq.read_table(_inner(part), columns=["id"], filesystem=fs)["id"].to_pylist())
     return ids
 
 
@@ -125,15 +135,18 @@ def summarise(
     rows = 0
     labels: dict[str, set[int]] = {k: set() for k in condition_keys}
     shape = None
+    fs, _ = storage.filesystem(folder)
     for part in found:
-        meta = pq.read_schema(part)
+        with fs.open(_inner(part), "rb") as f:
+            parquet = pq.ParquetFile(f)
+            meta, num_rows = parquet.schema_arrow, parquet.metadata.num_rows
         stats = json.loads(meta.metadata[_STATS_KEY])
         counts.append(stats["count"])
         sums.append(stats["sum"])
         squares.append(stats["sumsq"])
         for key, values in stats.get("labels", {}).items():
             labels.setdefault(key, set()).update(values)
-        rows += pq.read_metadata(part).num_rows
+        rows += num_rows
         shape = list(meta.field("latent").type.shape)
     # fsum: exact, so the result does not depend on the order the parts were written in.
     count, total, squares_total = math.fsum(counts), math.fsum(sums), math.fsum(squares)
@@ -157,19 +170,21 @@ def summarise(
     return info
 
 
+def _inner(path: str) -> str:
+    return storage.filesystem(path)[1]
+
+
 def _store_info(folder: str | Path, info: LatentDatasetInfo) -> None:
-    tmp = Path(folder) / f".{INFO_FILE}.tmp"
-    tmp.write_text(json.dumps(asdict(info), indent=2))
-    os.replace(tmp, Path(folder) / INFO_FILE)
+    storage.write_text(storage.join(folder, INFO_FILE), json.dumps(asdict(info), indent=2))
 
 
 def load_info(folder: str | Path) -> LatentDatasetInfo:
-    path = Path(folder) / INFO_FILE
-    if not path.is_file():
+    path = storage.join(folder, INFO_FILE)
+    if not storage.exists(path):
         raise LatentDatasetError(
             f"{folder} is not a finished latent dataset ({INFO_FILE} is missing); run `voldit encode` into it"
         )
-    return LatentDatasetInfo(**json.loads(path.read_text()))
+    return LatentDatasetInfo(**json.loads(storage.read_text(path)))
 
 
 def read_latents(
@@ -178,8 +193,9 @@ def read_latents(
     """Read columns of a latent folder into numpy (tensor columns as stacked arrays), for small data."""
     tables = []
     n = 0
+    fs, _ = storage.filesystem(folder)
     for part in parts(folder):
-        table = pq.read_table(part, columns=list(columns))
+        table = pq.read_table(_inner(part), columns=list(columns), filesystem=fs)
         tables.append(table)
         n += table.num_rows
         if limit is not None and n >= limit:

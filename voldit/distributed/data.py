@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import ray
 
+from voldit import storage
 from voldit.data.latents import PART_GLOB, LatentDatasetError, parts
 from voldit.data.nifti import check_same_grid, read_volume
 from voldit.data.preprocess import prepare
@@ -61,7 +62,16 @@ def latent_dataset(folder: str | Path, columns: Sequence[str] = ("latent",)) -> 
     found = parts(folder)
     if not found:
         raise LatentDatasetError(f"{folder} holds no latent parts ({PART_GLOB}); run `voldit encode` first")
-    dataset = ray.data.read_parquet([str(p) for p in found], columns=list(columns))
-    if sum(p.stat().st_size for p in found) < MATERIALIZE_BELOW:
+    fs, _ = storage.filesystem(folder)
+    inner = [storage.filesystem(p)[1] for p in found]
+    dataset = ray.data.read_parquet(inner, filesystem=arrow_filesystem(fs)).select_columns(list(columns))
+    if sum(fs.size(p) for p in inner) < MATERIALIZE_BELOW:
         dataset = dataset.materialize()
     return dataset
+
+
+def arrow_filesystem(fs):
+    """An fsspec filesystem as pyarrow's, so Ray Data reads with the same endpoint and credentials."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import pandas as pd
 import ray
 from tqdm.auto import tqdm
 
+from voldit import storage
 from voldit.checkpoint import load_checkpoint
 from voldit.data.latents import LatentDatasetInfo, committed_ids, remove_stale_temporaries, summarise
 from voldit.data.manifest import read_manifest
@@ -48,11 +48,13 @@ def encode(
     Rows travel as paths; each encoder actor loads the VQ-GAN once, reads its rows' files, and commits
     each batch as one parquet part. The scale factor is then computed over all parts.
     """
-    output = Path(output)
+    for url, what in ((csv, "manifest"), (output, "output"), (vqgan, "VQ-GAN checkpoint")):
+        storage.check(url, what)  # one clear error before any work: endpoint, credentials, bucket
+    output = storage.resolve(output)
+    vqgan = storage.resolve(vqgan)
     vq = load_checkpoint(vqgan, stage="vqgan")  # fail before any work if the checkpoint is wrong
     roi_size = list(vq.config.training.roi_size)
     frame = read_manifest(csv, ["image", *condition_keys], check_files=False)
-    output.mkdir(parents=True, exist_ok=True)
     if removed := remove_stale_temporaries(output):
         log.info("removed %d half-written part(s) from an interrupted run", removed)
     done = committed_ids(output)
@@ -73,14 +75,13 @@ def encode(
             progress,
         )
         summary.encoded = len(todo) - len(summary.failed)
-    errors = output / ERRORS_FILE
+    errors = storage.join(output, ERRORS_FILE)
     if summary.failed:
-        pd.DataFrame(summary.failed).to_csv(errors.with_suffix(".tmp"), index=False)
-        os.replace(errors.with_suffix(".tmp"), errors)
-    else:
-        errors.unlink(missing_ok=True)
+        storage.write_text(errors, pd.DataFrame(summary.failed).to_csv(index=False))
+    elif storage.exists(errors):
+        storage.remove(errors)
     if summary.encoded or summary.skipped:
-        summary.info = summarise(output, roi_size, condition_keys, str(Path(vqgan).resolve()))
+        summary.info = summarise(output, roi_size, condition_keys, vqgan)
     return summary
 
 
@@ -92,8 +93,8 @@ def _run(todo, vqgan, output, condition_keys, roi_size, batch_size, workers, gpu
     statuses = dataset.map_batches(
         Encoder,
         fn_constructor_kwargs=dict(
-            vqgan_checkpoint=str(Path(vqgan).resolve()),
-            output=str(output.resolve()),
+            vqgan_checkpoint=vqgan,
+            output=output,
             condition_keys=list(condition_keys),
             roi_size=roi_size,
         ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import ray
 from tqdm.auto import tqdm
 
+from voldit import storage
 from voldit.checkpoint import load_checkpoint
 from voldit.distributed.runtime import ensure_ray, require_gpus
 from voldit.previews import contact_sheet, save_png
@@ -27,6 +29,7 @@ from voldit.synthesis import (
     manifest_frame,
     plan_rows,
     read_record,
+    safe_name,
     write_manifest,
     write_record,
 )
@@ -66,13 +69,29 @@ def synthesize(
     per denoising pass. Rows that fail are recorded with their reason and the others still run.
     """
     settings = settings or SamplingSettings()
+    for url, what in (
+        (csv, "mask CSV"),
+        (output, "output"),
+        (checkpoint, "TGCA checkpoint"),
+        (vqgan, "--vqgan"),
+    ):
+        if url:
+            storage.check(url, what)  # one clear error before any work: endpoint, credentials, bucket
+    checkpoint = storage.resolve(checkpoint)
     tgca = load_checkpoint(checkpoint, stage="tgca")  # fail before any work if a checkpoint is wrong
     vq = resolve_vqgan(tgca, vqgan)
+    vqgan = storage.resolve(vqgan) if vqgan else tgca.meta.get("vqgan_checkpoint")
     keys = list(tgca.config.tgca.condition_keys)
     frame = plan_rows(csv, keys, seed)
-    output = Path(output)
-    layout = Layout(output)
-    _claim(output, tgca, vq, settings)
+    if storage.is_remote(output):
+        remote = str(output).rstrip("/")
+        staging = storage.cache_root() / "synthesize" / hashlib.sha256(remote.encode()).hexdigest()[:16]
+        layout = Layout(staging, remote)
+        layout.pull_records()
+    else:
+        layout = Layout(Path(output).resolve())
+    output = layout.root
+    _claim(layout, tgca, vq, settings, checkpoint, vqgan)
     if removed := layout.remove_temporaries():
         log.info("removed %d half-written file(s) from an interrupted run", removed)
 
@@ -86,8 +105,8 @@ def synthesize(
         elapsed = _run(
             todo[["id", "name", "seed", *keys]].to_dict("records"),
             checkpoint,
-            vq.path,
-            output,
+            vqgan,
+            layout,
             settings,
             allow_unseen_labels,
             previews,
@@ -101,26 +120,39 @@ def synthesize(
         summary.synthesized = ok
         summary.volumes_per_hour = ok / elapsed * 3600 if elapsed > 0 and ok else None
     manifest = manifest_frame(frame, layout, keys)
-    summary.manifest = write_manifest(manifest, output / MANIFEST)
+    summary.manifest = layout.publish(write_manifest(manifest, output / MANIFEST))
     summary.failed = manifest[manifest["status"] != "ok"][["id", "error"]].to_dict("records")
-    shown = [(r["id"], Path(r["preview"])) for r in manifest.to_dict("records") if r["preview"]]
+    shown = []
+    for row in manifest.to_dict("records"):
+        local = layout.preview(safe_name(row["id"]))
+        if row["preview"] and not local.is_file():  # written by an actor on another machine
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(storage.read_bytes(row["preview"]))
+        if row["preview"]:
+            shown.append((row["id"], local))
     if shown:
-        summary.contact_sheet = save_png(contact_sheet(shown), output / CONTACT_SHEET)
+        summary.contact_sheet = layout.publish(save_png(contact_sheet(shown), output / CONTACT_SHEET))
     return summary
 
 
-def _claim(output: Path, tgca, vq, settings: SamplingSettings) -> None:
+def _claim(layout: Layout, tgca, vq, settings: SamplingSettings, source: str, vq_source: str) -> None:
     """Refuse to mix volumes made by other checkpoints or settings into one folder."""
+    output = layout.root
     info = {
-        "checkpoint": str(tgca.path.resolve()),
+        "checkpoint": source,
         "checkpoint_id": fingerprint(tgca.path),
-        "vqgan": str(vq.path.resolve()),
+        "vqgan": vq_source,
         "vqgan_id": fingerprint(vq.path),
         **settings.recorded(),
     }
     path = output / RUN_INFO
-    if path.is_file():
+    remote = storage.join(layout.remote, RUN_INFO) if layout.remote else None
+    previous = None
+    if remote and storage.exists(remote):
+        previous = json.loads(storage.read_text(remote))
+    elif path.is_file():
         previous = json.loads(path.read_text())
+    if previous is not None:
         keys = ("checkpoint_id", "vqgan_id", *settings.recorded())
         differ = {k: (previous.get(k), info[k]) for k in keys if previous.get(k) != info[k]}
         if differ:
@@ -133,6 +165,7 @@ def _claim(output: Path, tgca, vq, settings: SamplingSettings) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps({**info, "settings": asdict(settings)}, indent=2))
     os.replace(tmp, path)
+    layout.publish(path)
 
 
 def _planned_failure(row: dict, keys: list[str], reason: str) -> dict:
@@ -151,7 +184,7 @@ def _run(
     rows,
     checkpoint,
     vqgan,
-    output,
+    layout,
     settings,
     allow_unseen,
     previews,
@@ -167,9 +200,10 @@ def _run(
     statuses = dataset.map_batches(
         Synthesizer,
         fn_constructor_kwargs=dict(
-            checkpoint=str(Path(checkpoint).resolve()),
-            output=str(output.resolve()),
-            vqgan=str(Path(vqgan).resolve()),
+            checkpoint=checkpoint,
+            output=str(layout.root),
+            vqgan=vqgan,
+            remote=layout.remote,
             settings=asdict(settings),
             allow_unseen_labels=allow_unseen,
             previews=previews,

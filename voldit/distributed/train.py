@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -16,12 +17,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from ray.train.torch import TorchTrainer
 
+from voldit import storage as storage_lib
 from voldit.builders import model_from_checkpoint
 from voldit.checkpoint import Checkpoint, load_checkpoint
 from voldit.config import ConfigError, load_config, section_dict, stage_of
 from voldit.data.latents import LatentDatasetError, load_info
 from voldit.data.manifest import read_manifest
-from voldit.distributed.data import latent_dataset, volume_dataset
+from voldit.distributed.data import arrow_filesystem, latent_dataset, volume_dataset
 from voldit.distributed.runtime import ensure_ray, require_gpus
 from voldit.training.context import RunContext, TrainingError
 from voldit.training.loop import fit
@@ -45,6 +47,7 @@ class TrainJob:
     inject_failure: str | None = None
     has_validation: bool = False
     provenance: dict | None = None  # stored in every checkpoint's meta: the VQ-GAN, the label values seen
+    remote_run_dir: str | None = None  # with s3:// storage: where run_dir's checkpoints and logs go
 
 
 @dataclass
@@ -52,14 +55,20 @@ class TrainResult:
     run_dir: Path
     metrics: dict
     checkpoint: Path | None
+    remote_run_dir: str | None = None
+
+    def _named(self, name: str) -> Path | str:
+        if self.remote_run_dir:
+            return storage_lib.join(self.remote_run_dir, "checkpoints", name)
+        return self.run_dir / "checkpoints" / name
 
     @property
-    def best(self) -> Path:
-        return self.run_dir / "checkpoints" / "best"
+    def best(self) -> Path | str:
+        return self._named("best")
 
     @property
-    def latest(self) -> Path:
-        return self.run_dir / "checkpoints" / "latest"
+    def latest(self) -> Path | str:
+        return self._named("latest")
 
 
 class _FailOnce:
@@ -109,6 +118,7 @@ def _worker(job_dict: dict) -> None:
         report=report,
         run_dir=Path(job.run_dir),
         has_validation=job.has_validation,
+        publish=_publisher(job),
     )
     with tempfile.TemporaryDirectory(prefix="voldit-resume-") as tmp:
         # Ray's latest checkpoint after a worker failure; our own `latest` when a finished or stopped run
@@ -120,10 +130,32 @@ def _worker(job_dict: dict) -> None:
                 ctx.resume_from = Path(shutil.copytree(directory, Path(tmp) / "checkpoint"))
         elif (latest / "meta.json").is_file():
             ctx.resume_from = Path(shutil.copytree(latest, Path(tmp) / "checkpoint"))
+        elif job.remote_run_dir and storage_lib.exists(
+            storage_lib.join(job.remote_run_dir, "checkpoints/latest/meta.json")
+        ):
+            remote_latest = storage_lib.join(job.remote_run_dir, "checkpoints", "latest")
+            ctx.resume_from = storage_lib.get_dir(remote_latest, Path(tmp) / "checkpoint")
         stage = _build_stage(job, cfg, ctx)
         if job.inject_failure and ctx.rank == 0:
             stage = _FailOnce(stage, job.inject_failure)
         fit(stage, ctx, cfg)
+
+
+def _publisher(job: TrainJob):
+    """Upload what rank 0 finishes under run_dir to the remote run folder (checkpoints whole, with their
+    meta.json last; log folders file by file)."""
+    if not job.remote_run_dir:
+        return lambda path: None
+    local_root = Path(job.run_dir)
+
+    def publish(path: Path) -> None:
+        dest = storage_lib.join(job.remote_run_dir, Path(path).relative_to(local_root).as_posix())
+        if (Path(path) / storage_lib.MARKER).is_file():
+            storage_lib.put_dir(path, dest)
+        elif Path(path).is_dir():
+            storage_lib.sync_dir(path, dest)
+
+    return publish
 
 
 def _build_stage(job: TrainJob, cfg: DictConfig, ctx: RunContext):
@@ -225,6 +257,10 @@ def train(
     ``name`` and ``storage`` resumes from the latest checkpoint."""
     if stage not in ("vqgan", "dit", "tgca"):
         raise ConfigError(f"--stage must be vqgan, dit or tgca, got {stage!r}")
+    checks = {"storage": storage, "training data": train_data, "validation data": val_data, "--dit": dit}
+    for what, url in {**checks, "--vqgan": vqgan}.items():
+        if url:
+            storage_lib.check(url, what)  # one clear error before any work: endpoint, credentials, bucket
     if stage == "tgca":
         if not dit:
             raise ConfigError("--stage tgca needs --dit, the VolDiT checkpoint to adapt")
@@ -241,13 +277,21 @@ def train(
     ensure_ray(address, num_cpus=max(os.cpu_count() or 1, workers + 2))
     require_gpus(gpus_per_worker, workers)
     ingest = _ordered()  # before the datasets are made: they capture the data context
-    storage_path = str(Path(storage).resolve())
+    storage_path = storage_lib.resolve(storage)
     job = TrainJob(
         config={},
         stage=stage,
         run_dir=str(Path(storage_path) / name),
         inject_failure=os.environ.get(FAILURE_ENV),
     )
+    ray_storage: dict = {"storage_path": storage_path}
+    if storage_lib.is_remote(storage_path):
+        # Checkpoints and logs are written to a local staging folder and uploaded as they complete.
+        job.remote_run_dir = storage_lib.join(storage_path, name)
+        digest = hashlib.sha256(job.remote_run_dir.encode()).hexdigest()[:16]
+        job.run_dir = str(storage_lib.cache_root() / "runs" / digest / name)
+        fs, inner = storage_lib.filesystem(storage_path)
+        ray_storage = {"storage_path": inner, "storage_filesystem": arrow_filesystem(fs)}
     datasets = _datasets(cfg, stage, train_data, val_data, dit, vqgan, job)
     # The scale factor: the config's if given; for TGCA the frozen VolDiT's (it was trained with it);
     # else the latent dataset's (or the online estimate), which _datasets has set.
@@ -256,7 +300,7 @@ def train(
     elif stage == "tgca" and base.meta.get("scale_factor"):
         job.scale_factor = base.meta["scale_factor"]
     if stage == "tgca":
-        job.base_checkpoint = str(base.path.resolve())
+        job.base_checkpoint = storage_lib.resolve(dit)
     if stage != "vqgan":
         job.provenance = _provenance(stage, train_data, job, base if stage == "tgca" else None)
     job.config = OmegaConf.to_container(cfg, resolve=True)
@@ -271,7 +315,7 @@ def train(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_path,
+            **ray_storage,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
@@ -286,10 +330,13 @@ def train(
     if metrics.get("diverged"):
         raise TrainingError(
             f"the loss became {metrics['loss']} at step {metrics['step'] + 1} (epoch {metrics['epoch'] + 1}); "
-            f"training stopped. The last good checkpoint is {Path(job.run_dir) / 'checkpoints' / 'latest'}"
+            f"training stopped. The last good checkpoint is "
+            f"{storage_lib.join(job.remote_run_dir or job.run_dir, 'checkpoints', 'latest')}"
         )
     checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
-    return TrainResult(run_dir=Path(job.run_dir), metrics=metrics, checkpoint=checkpoint)
+    return TrainResult(
+        run_dir=Path(job.run_dir), metrics=metrics, checkpoint=checkpoint, remote_run_dir=job.remote_run_dir
+    )
 
 
 def _ordered():
@@ -308,7 +355,7 @@ def _datasets(cfg, stage, train_data, val_data, dit, vqgan, job: TrainJob) -> di
         if val_data:
             frames["val"] = read_manifest(val_data, ["image"])
         if stage != "vqgan":
-            job.vqgan_checkpoint = str(Path(vqgan).resolve())
+            job.vqgan_checkpoint = storage_lib.resolve(vqgan)
             job.scale_factor = _estimate_scale_factor(frames["train"], vqgan, roi)
             log.info("scale factor estimated from the first training volumes: %.4f", job.scale_factor)
         return {

@@ -28,6 +28,9 @@ class RunContext:
     run_dir: Path
     resume_from: Path | None = None
     has_validation: bool = True
+    # Called by rank 0 with a path under run_dir once it is complete (a checkpoint directory or a log
+    # file), so a launcher with remote storage can upload it; a no-op for local runs.
+    publish: Callable[[Path], None] = lambda path: None
 
     @property
     def is_main(self) -> bool:

@@ -128,6 +128,8 @@ def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
             _report(stage, ctx, cfg, metrics, save, improved, periodic=epoch % checkpoint_freq == 0)
     finally:
         writer.close()
+        if ctx.is_main:
+            ctx.publish(ctx.run_dir / "tensorboard")
     return metrics
 
 
@@ -172,10 +174,12 @@ def _report(stage, ctx: RunContext, cfg, metrics: dict, save: bool, improved: bo
     }
     named = ctx.run_dir / "checkpoints"
     latest = save_checkpoint(named / "latest", config=cfg, meta=meta, **payload)
+    ctx.publish(latest)
     if improved:
-        copy_checkpoint(latest, named / "best")
+        ctx.publish(copy_checkpoint(latest, named / "best"))
     if periodic:
-        copy_checkpoint(latest, named / f"epoch_{metrics['epoch']:04d}")
+        ctx.publish(copy_checkpoint(latest, named / f"epoch_{metrics['epoch']:04d}"))
+    ctx.publish(ctx.run_dir / "tensorboard")
     ctx.report(metrics, latest)
 
 

@@ -1,0 +1,206 @@
+"""Where files live: local paths or object-store URLs (``s3://bucket/key``), through fsspec.
+
+S3 endpoint and credentials come from the standard environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles); they are never logged,
+never written into configs, checkpoints or manifests. Writes are atomic either way: a local file is
+written under a temporary name and renamed; an S3 object appears whole when its upload completes.
+A directory (a checkpoint) is uploaded with its ``meta.json`` last, so it counts as complete only
+once every other file is there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import fsspec
+
+log = logging.getLogger(__name__)
+
+MARKER = "meta.json"  # the file that marks a directory (checkpoint) as complete; uploaded last
+
+
+class StorageError(RuntimeError):
+    """Storage that cannot be used as given (endpoint, credentials, bucket); says what to fix."""
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a local path or URL."""
+    if is_remote(base):
+        return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base, *parts))
+
+
+def resolve(path: str | os.PathLike) -> str:
+    """An absolute local path, or the URL unchanged."""
+    return str(path) if is_remote(path) else str(Path(path).resolve())
+
+
+def filesystem(path: str | os.PathLike):
+    """(fsspec filesystem, path within it)."""
+    fs, inner = fsspec.core.url_to_fs(str(path))
+    return fs, inner
+
+
+def _url(fs, inner: str) -> str:
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+    return inner if protocol in ("file", "local") else f"{protocol}://{inner}"
+
+
+def exists(path: str | os.PathLike) -> bool:
+    fs, inner = filesystem(path)
+    return fs.exists(inner)
+
+
+def glob(pattern: str) -> list[str]:
+    """Matching paths (URLs for remote storage), sorted."""
+    fs, inner = filesystem(pattern)
+    return sorted(_url(fs, p) for p in fs.glob(inner))
+
+
+def remove(path: str | os.PathLike) -> None:
+    fs, inner = filesystem(path)
+    fs.rm(inner)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    fs, inner = filesystem(path)
+    with fs.open(inner, "rb") as f:
+        return f.read()
+
+
+def read_text(path: str | os.PathLike) -> str:
+    return read_bytes(path).decode()
+
+
+def put_file(local: str | os.PathLike, dest: str | os.PathLike) -> str:
+    """Move a finished local file to ``dest`` atomically (rename locally; one upload to S3)."""
+    if is_remote(dest):
+        fs, inner = filesystem(dest)
+        fs.put_file(str(local), inner)
+        Path(local).unlink(missing_ok=True)
+    else:
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(local, dest)
+    return str(dest)
+
+
+def write_bytes(dest: str | os.PathLike, data: bytes) -> str:
+    """Write a whole file atomically."""
+    local_dir = None if is_remote(dest) else Path(dest).parent
+    if local_dir is not None:
+        local_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(str(dest)).name}.", suffix=".tmp", dir=local_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return put_file(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(dest: str | os.PathLike, text: str) -> str:
+    return write_bytes(dest, text.encode())
+
+
+def sync_dir(local: str | os.PathLike, dest: str) -> str:
+    """Copy a local directory's files to remote ``dest`` (e.g. growing log files), replacing each."""
+    fs, inner = filesystem(dest)
+    for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+        fs.put_file(str(path), f"{inner.rstrip('/')}/{path.relative_to(local).as_posix()}")
+    return dest
+
+
+def put_dir(local: str | os.PathLike, dest: str) -> str:
+    """Upload a local directory (a checkpoint) to remote ``dest``: every file, then its MARKER last.
+    A previous directory at ``dest`` loses its MARKER first, so it is never half old, half new."""
+    fs, inner = filesystem(dest)
+    marker = f"{inner.rstrip('/')}/{MARKER}"
+    if fs.exists(marker):
+        fs.rm(marker)
+    files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+    for path in sorted(files, key=lambda p: p.name == MARKER):
+        fs.put_file(str(path), f"{inner.rstrip('/')}/{path.relative_to(local).as_posix()}")
+    return dest
+
+
+def get_dir(src: str, local: str | os.PathLike) -> Path:
+    """Download a remote directory to a local one (replacing it)."""
+    fs, inner = filesystem(src)
+    local = Path(local)
+    shutil.rmtree(local, ignore_errors=True)
+    local.mkdir(parents=True)
+    prefix = inner.rstrip("/") + "/"
+    for path in fs.find(inner):
+        target = local / path[len(prefix) :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(path, str(target))
+    return local
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("VOLDIT_CACHE", Path.home() / ".cache" / "voldit"))
+
+
+def localize_dir(path: str | os.PathLike) -> Path:
+    """A local copy of a directory: the path itself when local; for a URL, a cached download that is
+    refreshed when the remote MARKER changes."""
+    if not is_remote(path):
+        return Path(path)
+    url = str(path).rstrip("/")
+    local = cache_root() / "remote" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    marker = join(url, MARKER)
+    if not exists(marker):
+        return local / "missing"  # a path that does not exist: the caller reports it
+    remote_marker = read_bytes(marker)
+    if not (local / MARKER).is_file() or (local / MARKER).read_bytes() != remote_marker:
+        get_dir(url, local)
+    return local
+
+
+def check(url: str | os.PathLike, what: str = "storage") -> None:
+    """Fail at once, with one clear message, when an S3 location cannot be used: endpoint unreachable,
+    no or wrong credentials, or no such bucket. Local paths and other protocols pass."""
+    if not str(url).startswith("s3://"):
+        return
+    bucket = str(url)[5:].split("/", 1)[0]
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    try:
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.ls(bucket, refresh=True)
+    except FileNotFoundError:
+        raise StorageError(
+            f"{what} {url}: bucket {bucket!r} does not exist at {endpoint}; create it or fix the URL"
+        ) from None
+    except PermissionError as error:
+        raise StorageError(
+            f"{what} {url}: access to bucket {bucket!r} at {endpoint} was refused ({_reason(error)}); "
+            "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile) and the bucket's policy"
+        ) from None
+    except Exception as error:  # botocore raises many kinds; name the cause, never the secrets
+        name = type(error).__name__
+        if "Credentials" in name or "credentials" in str(error).lower():
+            raise StorageError(
+                f"{what} {url}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE)"
+            ) from None
+        if "Endpoint" in name or "Connect" in name or isinstance(error, OSError):
+            raise StorageError(
+                f"{what} {url}: cannot reach the S3 endpoint {endpoint} ({name}); check AWS_ENDPOINT_URL"
+            ) from None
+        raise StorageError(f"{what} {url}: S3 refused the request ({name}: {_reason(error)})") from None
+
+
+def _reason(error: Exception) -> str:
+    text = str(error)
+    return text if len(text) < 200 else text[:200] + "..."
