@@ -67,7 +67,8 @@ def ray_session():
     """One local Ray for the whole test session (4 logical CPUs so train workers and data steps fit)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # The dashboard's state API is how Ray Train's placement-group cleaner sees a finished Tune trial.
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -195,6 +195,39 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("sweep")
+def _sweep(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from voldit.distributed.sweep import parse_grid, sweep
+
+    files = [c for c in args.config if "=" not in c]
+    overrides = [c for c in args.config if "=" in c] + args.set
+    base = OmegaConf.to_container(load_config(*files, overrides=overrides), resolve=True)
+    result = sweep(
+        base,
+        args.train,
+        args.val,
+        models=args.models,
+        grid=parse_grid(args.grid),
+        name=args.name,
+        storage=args.storage,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        max_concurrent=args.max_concurrent,
+        grace_period=args.grace_period,
+        address=args.address,
+    )
+    shown = result.table.drop(columns=["checkpoint"])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"results: {result.results_file}")
+    if result.best_checkpoint is None:
+        print("voldit sweep: no trial finished with a validation loss", file=sys.stderr)
+        return 1
+    print(f"best trial: {result.best_trial}; checkpoint: {result.best_checkpoint}")
+    return 0
+
+
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
     from voldit.demo import run_demo
@@ -437,6 +470,34 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from")
     tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
     tr.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+
+    sw = verbs.add_parser("sweep", help="Ray Tune sweep of VolDiT sizes x patch sizes (and other keys), ASHA")
+    sw.add_argument(
+        "config", nargs="+", help="base VolDiT config YAML(s), then any section.key=value overrides"
+    )
+    sw.add_argument("--train", required=True, help="training latent folder from `voldit encode`")
+    sw.add_argument("--val", required=True, help="validation latent folder (trials are ranked on it)")
+    sw.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="subset of sizes, e.g. XS/4 S/4 or VolDiT-B/2 (default: XS, S, B, L x p=2, 4)",
+    )
+    sw.add_argument(
+        "--grid",
+        nargs="*",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="more keys to sweep, e.g. optim.lr=1e-4,3e-4",
+    )
+    sw.add_argument("--name", default="sweep", help="sweep name; re-running it resumes its trials")
+    sw.add_argument("--storage", default="outputs", help="where the sweep and its trials are kept")
+    sw.add_argument("--workers", type=int, default=1, help="DDP workers per trial")
+    sw.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker of each trial")
+    sw.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: as resources allow)")
+    sw.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
+    sw.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
+    sw.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
 
     demo = verbs.add_parser(
         "demo", help="the whole pipeline on real example CT with the tiny configs, with a report"

@@ -252,6 +252,7 @@ def train(
     gpus_per_worker: float = 0.0,
     max_failures: int = 0,
     address: str | None = None,
+    callbacks: list | None = None,
 ) -> TrainResult:
     """Train one stage with ``workers`` DDP workers (0: in this process). Re-running with the same
     ``name`` and ``storage`` resumes from the latest checkpoint."""
@@ -318,6 +319,7 @@ def train(
             **ray_storage,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(execution_options=ingest),

@@ -66,6 +66,7 @@ def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
         while epoch < t.n_epochs and not (t.max_steps and step >= t.max_steps):
             stage.train_mode()
             window, window_start, epoch_steps = [], time.perf_counter(), 0
+            epoch_start, epoch_samples = window_start, 0.0
             for batch in ctx.batches("train", t.batch_size, epoch, True):
                 out = stage.train_step(batch, epoch)
                 loss = ctx.all_reduce_sum(out["loss"].float()) / ctx.world_size
@@ -74,6 +75,7 @@ def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
                 step += 1
                 epoch_steps += 1
                 window.append((float(loss), float(out["samples"]) * ctx.world_size))
+                epoch_samples += window[-1][1]
                 if step % t.log_every_n_steps == 0:
                     _log_progress(
                         ctx,
@@ -106,7 +108,10 @@ def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
                 "step": step,
                 "loss": window[-1][0] if window else metrics.get("loss"),
                 "lr": stage.lr,
+                "samples_per_s": epoch_samples / max(time.perf_counter() - epoch_start, 1e-9),
             }
+            if stage.tokens:
+                metrics["tokens_per_s"] = metrics["samples_per_s"] * stage.tokens
             if ctx.has_validation and (epoch % t.eval_freq == 0 or last):
                 total, count = stage.validate(ctx.batches("val", t.batch_size, epoch, False))
                 total, count = ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)
