@@ -232,7 +232,34 @@ def _sweep(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from voldit.demo import run_demo
 
-    run_demo(args.output, args.cache)
+    run_demo(args.output, args.cache, overrides=args.set)
+    return 0
+
+
+@command("pipeline")
+def _pipeline(args: argparse.Namespace) -> int:
+    from voldit.demo import run_demo, run_pipeline
+
+    if args.example_data:
+        run_demo(args.output, args.cache, overrides=args.set)
+        return 0
+    if not (args.train and args.val and args.masks):
+        raise ConfigError("give --train, --val and --masks (CSV files), or --example-data")
+    configs = {
+        k: v
+        for k, v in (("vqgan", args.vqgan_config), ("dit", args.dit_config), ("tgca", args.tgca_config))
+        if v
+    }
+    run_pipeline(
+        args.train,
+        args.val,
+        args.masks,
+        args.output,
+        configs=configs,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        overrides=args.set,
+    )
     return 0
 
 
@@ -506,6 +533,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", default="outputs/demo", help="where data, latents, runs, volumes and the report go"
     )
     demo.add_argument("--cache", default=".cache/examples", help="where the example CTs are kept")
+    demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every stage")
+
+    pipe = verbs.add_parser(
+        "pipeline", help="the whole pipeline (train all stages, encode, sample, synthesise, evaluate) on CSVs"
+    )
+    pipe.add_argument("--train", help="training CSV (image,mask)")
+    pipe.add_argument("--val", help="validation CSV (image,mask)")
+    pipe.add_argument("--masks", help="CSV of masks to synthesise from (mask, optional id and seed)")
+    pipe.add_argument("--output", required=True, help="output folder or s3:// prefix")
+    pipe.add_argument("--vqgan-config", default=None, help="VQ-GAN config (default: configs/tiny/vqgan.yaml)")
+    pipe.add_argument("--dit-config", default=None, help="VolDiT config (default: configs/tiny/dit.yaml)")
+    pipe.add_argument("--tgca-config", default=None, help="TGCA config (default: configs/tiny/tgca.yaml)")
+    pipe.add_argument("--workers", type=int, default=1, help="DDP workers and actors per step")
+    pipe.add_argument("--gpus-per-worker", type=float, default=0.0)
+    pipe.add_argument(
+        "--example-data", action="store_true", help="use the example CT crops (as `voldit demo`)"
+    )
+    pipe.add_argument(
+        "--cache", default=".cache/examples", help="with --example-data: where the CTs are kept"
+    )
+    pipe.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every stage")
 
     smp = verbs.add_parser(
         "sample", help="unconditional volumes from a VolDiT checkpoint (or an epoch range)"

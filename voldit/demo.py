@@ -1,111 +1,138 @@
-"""The whole pipeline end to end on real CT with the tiny configs: crops -> VQ-GAN -> encode -> VolDiT ->
-unconditional samples -> TGCA -> one synthetic volume per mask -> evaluation report.
+"""The whole pipeline in one call: VQ-GAN -> encode -> VolDiT -> unconditional samples -> TGCA -> one
+synthetic volume per mask -> evaluation report.
 
-Runs on an embedded local Ray in a few minutes on two CPU cores; every artefact lands under one folder.
+`voldit pipeline` runs it on your CSVs and configs (locally or as `jobs/pipeline.py` on a cluster);
+`voldit demo` runs it on real example CT with the tiny configs, in a few minutes on two CPU cores.
+Every artefact lands under one output folder (or ``s3://`` prefix).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from voldit import storage
 from voldit.config import load_config
 from voldit.data.examples import fetch_examples, write_crops
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+TINY_CONFIGS = {"vqgan": TINY / "vqgan.yaml", "dit": TINY / "dit.yaml", "tgca": TINY / "tgca.yaml"}
 
 
-def _csv(path: Path, rows) -> Path:
-    path.write_text("image,mask\n" + "\n".join(f"{ct},{seg}" for ct, seg in rows) + "\n")
+def _csv(path: Path, rows, header: str = "image,mask") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + "\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
     return path
 
 
-def run_demo(output: str | Path, cache: str | Path, configs: Path = CONFIGS) -> dict[str, Path]:
-    """Train the three stages on example CT crops; returns where each result went."""
+def run_pipeline(
+    train_csv: str,
+    val_csv: str,
+    masks_csv: str,
+    output: str | Path,
+    configs: dict[str, str | Path] | None = None,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    overrides: Sequence[str] = (),
+    samples: int = 4,
+    say=print,
+) -> dict[str, str]:
+    """Train all three stages on ``train_csv``/``val_csv`` (image,mask), then sample, synthesise one
+    volume per row of ``masks_csv`` and, for a local output, evaluate against the validation CTs.
+    ``overrides`` (key=value) apply to every stage's config. Re-running resumes every step."""
     from voldit.distributed.encode import encode
     from voldit.distributed.synthesize import synthesize
     from voldit.distributed.train import train
-    from voldit.report import write_report
     from voldit.sampling import write_samples
 
-    output = Path(output).resolve()
+    configs = {**TINY_CONFIGS, **(configs or {})}
+    output = storage.resolve(output)
+    for url, what in ((output, "output"), (train_csv, "training CSV"), (val_csv, "validation CSV")):
+        storage.check(url, what)
     start = time.perf_counter()
-    rows = write_crops(output / "data" / "crops", fetch_examples(cache))
-    train_csv, val_csv = (
-        _csv(output / "data" / "train.csv", rows[:10]),
-        _csv(output / "data" / "val.csv", rows[10:]),
-    )
-    runs = output / "runs"
-    results: dict[str, Path] = {}
-    print(f"[demo] {len(rows)} real CT crops (64x64x32, with organ masks) in {output / 'data'}")
-    vq = train(
-        load_config(configs / "vqgan.yaml"),
-        "vqgan",
-        str(train_csv),
-        str(val_csv),
-        name="vqgan",
-        storage=str(runs),
-        workers=1,
-    )
-    results["vqgan"] = vq.best
-    print(f"[demo] VQ-GAN: validation L1 {vq.metrics['val_loss']:.4f} -> {vq.best}")
+    runs = storage.join(output, "runs")
+    common = dict(storage=runs, workers=workers, gpus_per_worker=gpus_per_worker)
+    results: dict[str, str] = {}
+
+    def cfg(stage):
+        return load_config(configs[stage], overrides=list(overrides))
+
+    vq = train(cfg("vqgan"), "vqgan", train_csv, val_csv, name="vqgan", **common)
+    results["vqgan"] = str(vq.best)
+    say(f"[pipeline] VQ-GAN: validation L1 {vq.metrics['val_loss']:.4f} -> {vq.best}")
     for split, csv in (("train", train_csv), ("val", val_csv)):
-        summary = encode(csv, results["vqgan"], output / "latents" / split, ["mask"], progress=False)
+        latents = storage.join(output, "latents", split)
+        summary = encode(csv, results["vqgan"], latents, ["mask"], workers=workers,
+                         gpus_per_worker=gpus_per_worker, progress=False)  # fmt: skip
         if summary.failed:
             raise RuntimeError(f"encoding failed for {summary.failed}")
-        results[f"latents_{split}"] = output / "latents" / split
-    print(
-        f"[demo] encoded {len(rows)} crops and masks -> {output / 'latents'} "
-        f"(scale factor {summary.info.scale_factor:.3f})"
-    )
-    dit = train(
-        load_config(configs / "dit.yaml"),
-        "dit",
-        str(results["latents_train"]),
-        str(results["latents_val"]),
-        name="dit",
-        storage=str(runs),
-        workers=1,
-    )
-    results["dit"] = dit.best
-    print(f"[demo] VolDiT: validation loss {dit.metrics['val_loss']:.4f} -> {dit.best}")
-    tgca = train(
-        load_config(configs / "tgca.yaml"),
-        "tgca",
-        str(results["latents_train"]),
-        str(results["latents_val"]),
-        dit=str(dit.best),
-        name="tgca",
-        storage=str(runs),
-        workers=1,
-    )
-    results["tgca"] = tgca.best
-    print(f"[demo] TGCA: validation loss {tgca.metrics['val_loss']:.4f} -> {tgca.best}")
-    results["samples"] = output / "samples"
-    write_samples(dit.best, results["samples"], 4, reference=rows[0][0], progress=False)
-    print(f"[demo] 4 unconditional volumes (DDPM-300) -> {results['samples']}")
-    masks = output / "data" / "masks.csv"
-    masks.write_text("id,mask\n" + "".join(f"{Path(seg).name.split('.')[0]},{seg}\n" for _, seg in rows))
-    results["synthetic"] = output / "synthetic"
-    summary = synthesize(masks, tgca.best, results["synthetic"], batch_size=4, progress=False)
+        results[f"latents_{split}"] = latents
+    say(f"[pipeline] encoded images and masks -> {storage.join(output, 'latents')} "
+        f"(scale factor {summary.info.scale_factor:.3f})")  # fmt: skip
+    latents = (results["latents_train"], results["latents_val"])
+    dit = train(cfg("dit"), "dit", *latents, name="dit", **common)
+    results["dit"] = str(dit.best)
+    say(f"[pipeline] VolDiT: validation loss {dit.metrics['val_loss']:.4f} -> {dit.best}")
+    if samples and not storage.is_remote(output):
+        results["samples"] = storage.join(output, "samples")
+        import pandas as pd
+
+        reference = pd.read_csv(train_csv, dtype=str)["image"].iloc[0]  # a real CT's orientation and spacing
+        write_samples(dit.best, results["samples"], samples, reference=reference, progress=False)
+        say(f"[pipeline] {samples} unconditional volumes (DDPM-300) -> {results['samples']}")
+    tgca = train(cfg("tgca"), "tgca", *latents, dit=str(dit.best), name="tgca", **common)
+    results["tgca"] = str(tgca.best)
+    say(f"[pipeline] TGCA: validation loss {tgca.metrics['val_loss']:.4f} -> {tgca.best}")
+    results["synthetic"] = storage.join(output, "synthetic")
+    summary = synthesize(masks_csv, tgca.best, results["synthetic"], batch_size=4, workers=workers,
+                         gpus_per_worker=gpus_per_worker, progress=False)  # fmt: skip
     if summary.failed:
         raise RuntimeError(f"synthesis failed for {summary.failed}")
-    print(
-        f"[demo] {summary.synthesized + summary.skipped} volumes, one per organ mask (DDPM-300) -> "
-        f"{results['synthetic'] / 'volumes'}; previews: {summary.contact_sheet}"
-    )
-    results["report"] = output / "report"
-    real = _csv(output / "data" / "real.csv", rows)
-    scores = write_report(results["synthetic"], real, results["report"], vqgan=results["vqgan"])
-    h, f = scores["hu_histogram"], scores["mask_fidelity"]
-    print(
-        f"[demo] evaluation against the {len(rows)} real crops: HU histogram Wasserstein "
-        f"{h['wasserstein_hu']:.0f} HU, MMD^2 {scores['mmd']['mmd2']:.3f}, VQ-GAN Frechet distance "
-        f"{scores['vqgan_frechet_distance']['value']:.3g}, tissue Dice {f['tissue_dice_mean']:.3f} "
-        f"(real CTs: {f['tissue_dice_real']:.3f}) -> {results['report'] / 'report.md'}"
-    )
-    print(f"[demo] done in {time.perf_counter() - start:.0f} s; TensorBoard: tensorboard --logdir {runs}")
+    say(f"[pipeline] {summary.synthesized + summary.skipped} volumes, one per mask (DDPM-300) -> "
+        f"{storage.join(results['synthetic'], 'volumes')}; previews: {summary.contact_sheet}")  # fmt: skip
+    if not storage.is_remote(output):
+        results["report"] = _evaluate(results, val_csv, train_csv, output, say)
+    say(f"[pipeline] done in {time.perf_counter() - start:.0f} s; TensorBoard: tensorboard --logdir {runs}")
     return results
+
+
+def _evaluate(results: dict, val_csv: str, train_csv: str, output: str, say) -> str:
+    import pandas as pd
+
+    from voldit.report import write_report
+
+    frames = [pd.read_csv(csv, dtype=str) for csv in (train_csv, val_csv)]
+    real = Path(output) / "data" / "real.csv"
+    real.parent.mkdir(parents=True, exist_ok=True)
+    pd.concat(frames)[["image", "mask"]].to_csv(real, index=False)
+    report = str(Path(output) / "report")
+    scores = write_report(results["synthetic"], real, report, vqgan=results["vqgan"])
+    h, f = scores["hu_histogram"], scores.get("mask_fidelity", {})
+    say(
+        f"[pipeline] evaluation against {scores['real']['volumes']} real CTs: HU histogram Wasserstein "
+        f"{h['wasserstein_hu']:.0f} HU, MMD^2 {scores['mmd']['mmd2']:.3f}, VQ-GAN Frechet distance "
+        f"{scores['vqgan_frechet_distance']['value']:.3g}, tissue Dice {f.get('tissue_dice_mean') or 0:.3f} "
+        f"(real CTs: {f.get('tissue_dice_real') or 0:.3f}) -> {report}/report.md"
+    )
+    return report
+
+
+def example_data(output: str | Path, cache: str | Path) -> tuple[Path, Path, Path]:
+    """Twelve real 64x64x32 CT crops with organ masks from the TotalSegmentator examples: ten for
+    training, two for validation, and every crop's mask to synthesise from."""
+    data = Path(output) / "data"
+    rows = write_crops(data / "crops", fetch_examples(cache))
+    masks = _csv(data / "masks.csv", [(Path(seg).name.split(".")[0], seg) for _, seg in rows], "id,mask")
+    return _csv(data / "train.csv", rows[:10]), _csv(data / "val.csv", rows[10:]), masks
+
+
+def run_demo(output: str | Path, cache: str | Path, overrides: Sequence[str] = ()) -> dict[str, str]:
+    """The pipeline on the example CT crops with the tiny configs; returns where each result went."""
+    output = Path(output).resolve()
+    train_csv, val_csv, masks = example_data(output, cache)
+    print(f"[demo] 12 real CT crops (64x64x32, with organ masks) in {output / 'data'}")
+    return run_pipeline(str(train_csv), str(val_csv), str(masks), output, overrides=overrides)
