@@ -68,3 +68,12 @@ def test_constructor_validates_divisibility():
         DiT3D(input_size=(6, 6, 6), patch_size=4, hidden_size=32, num_heads=4, depth=1)
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         DiT3D(input_size=(4, 4, 4), patch_size=2, hidden_size=30, num_heads=4, depth=1)
+
+
+def test_compiled_dit_matches_eager(tiny_dit):
+    """The `training.compile` fast path: torch.compile gives the same prediction (float32, CPU)."""
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 4, 4, 4, generator=g), torch.tensor([3, 250])
+    compiled = torch.compile(tiny_dit)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t), tiny_dit(x, t), rtol=1e-4, atol=1e-5)

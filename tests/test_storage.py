@@ -3,6 +3,7 @@ encode, train and synthesize read and write s3:// paths; bad endpoints, credenti
 before any work."""
 
 import io
+import json
 import os
 import socket
 import subprocess
@@ -88,7 +89,7 @@ def _upload_csv(fs, key, header, rows):
 
 
 @pytest.mark.slow
-def test_encode_train_and_synthesize_against_s3(s3, crops):
+def test_encode_train_and_synthesize_against_s3(s3, crops, tmp_path):
     fs, env = s3["fs"], s3["env"]
     urls = []
     for image, mask in crops["rows"][:6]:
@@ -143,6 +144,15 @@ def test_encode_train_and_synthesize_against_s3(s3, crops):
     assert volume.shape == mask.shape and np.allclose(volume.affine, mask.affine, atol=1e-5)
     again = _voldit(env, *args, "--sampler", "ddim", "--steps", "3")  # resumes from the bucket's records
     assert "6 already done" in again.stdout
+
+    # A run continued on another machine (no local staging) resumes from the bucket's latest checkpoint.
+    elsewhere = {**env, "VOLDIT_CACHE": str(tmp_path / "other-machine")}
+    more = [a if a != "training.n_epochs=1" else "training.n_epochs=2" for a in short]
+    resumed = _voldit(elsewhere, "train", tiny / "dit.yaml", *more, "--stage", "dit", "--train", *latents,
+                      "--storage", runs, "--name", "dit", "--workers", "0")  # fmt: skip
+    assert "at epoch 1" in resumed.stderr
+    latest = json.loads(fs.cat(f"{BUCKET}/runs/dit/checkpoints/latest/meta.json"))
+    assert latest["epoch"] == 2 and fs.exists(f"{BUCKET}/runs/dit/checkpoints/epoch_0002/meta.json")
     assert not (set(env) & {"AWS_SECRET_ACCESS_KEY"}) or env["AWS_SECRET_ACCESS_KEY"] not in (
         fs.cat(f"{BUCKET}/synthetic/run.json").decode()
         + fs.cat(f"{BUCKET}/runs/tgca/checkpoints/best/config.yaml").decode()

@@ -112,6 +112,8 @@ class DiffusionStage:
         self.model.to(ctx.device)
         self.encoder = encoder.to(ctx.device).eval().requires_grad_(False) if encoder is not None else None
         self.net = _wrap(self.model, ctx)
+        if cfg.training.compile:
+            self.net = torch.compile(self.net)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = _adamw(self.params, cfg.optim.lr, cfg, ctx.device)
         self.lr_schedule = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.optim.lr_gamma)
