@@ -115,7 +115,11 @@ def test_pipeline_job_through_ray_job_submit(tmp_path):
         submit += ["--cache", str(ROOT / ".cache" / "examples"), "--output", str(out)]
         submit += ["--set", "training.n_epochs=2", "training.log_every_n_steps=1000"]
         began = time.time()
-        result = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        for _ in range(40):  # the head's job agent takes a moment to come up after `ray start`
+            result = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in result.stderr + result.stdout:
+                break
+            time.sleep(3)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         assert "Job 'raysubmit_" in result.stdout and "succeeded" in result.stdout
         print(f"ray job submit: pipeline job finished in {time.time() - began:.0f} s")
