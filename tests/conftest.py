@@ -166,3 +166,34 @@ def tiny_tgca_run(crop_latents, tmp_path_factory, ray_session):
         workers=0,
     )
     return {"dit": dit.best, "dit_run": dit.run_dir, "tgca": tgca.best, "vqgan": crop_latents["vqgan"]}
+
+
+def kill_when(command, ready, env, cwd=ROOT, timeout=300):
+    """Start ``command`` in its own session, wait until ``ready()`` (or it exits, or ``timeout``), then
+    SIGKILL it and every process it started (Ray's own processes leave its process group)."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.05)
+    victims = psutil.Process(process.pid).children(recursive=True)
+    os.killpg(process.pid, signal.SIGKILL)
+    for victim in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            victim.kill()
+    process.wait()
+    psutil.wait_procs(victims, timeout=30)

@@ -1,17 +1,13 @@
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
-import psutil
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kill_when
 from voldit.data.latents import committed_ids, load_info, parts, read_latents, rescale_from_tensors
 from voldit.data.manifest import ManifestError
 from voldit.encode import Encoder
@@ -138,25 +134,7 @@ def test_killed_encode_resumes_with_every_row_written_once(tmp_path, examples):
         str(out),
     ]
     env = {**os.environ, "RAY_ADDRESS": "local"}
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while not parts(out) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    # Kill the driver and every process it started (Ray's own processes leave its process group).
-    victims = psutil.Process(process.pid).children(recursive=True)
-    os.killpg(process.pid, signal.SIGKILL)
-    for victim in victims:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            victim.kill()
-    process.wait()
-    psutil.wait_procs(victims, timeout=30)
+    kill_when(command, lambda: bool(parts(out)), env, timeout=120)
     written = committed_ids(out)
     assert 0 < len(written) < 12, "the run should have been killed part-way"
     assert not (out / "dataset.json").exists()

@@ -1,21 +1,17 @@
 """Sampling and synthesis: unconditional `voldit sample`, the `voldit synthesize` Ray job over mask CSVs."""
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import psutil
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, ROOT, write_csv
+from tests.conftest import CONFIGS, ROOT, kill_when, write_csv
 from voldit.builders import build_vqgan
 from voldit.config import load_config
 from voldit.data.nifti import Volume
@@ -279,25 +275,8 @@ def test_killed_synthesis_resumes_with_every_row_written_once(tiny_tgca_run, cro
         "150",
     ]
     env = {**os.environ, "RAY_ADDRESS": "local"}
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     records = out / "records"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not list(records.glob("*.json")):
-        time.sleep(0.05)
-    victims = psutil.Process(process.pid).children(recursive=True)
-    os.killpg(process.pid, signal.SIGKILL)
-    for victim in victims:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            victim.kill()
-    process.wait()
-    psutil.wait_procs(victims, timeout=30)
+    kill_when(command, lambda: bool(list(records.glob("*.json"))), env)
     done = {p.stem: p.stat().st_mtime_ns for p in (out / "volumes").glob("*.nii.gz")}
     assert 0 < len(done) < 10, "the run should have been killed part-way"
 
