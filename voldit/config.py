@@ -143,7 +143,7 @@ class Training:
     shuffle_buffer: int = 16  # rows in each worker's local shuffle buffer
     max_steps: int | None = None  # stop early after this many optimiser steps (smoke tests, sweeps)
     mixed_precision: str = "bf16"  # bf16 | fp16 | no; only used on GPU
-    compile: bool = False  # torch.compile the DiT / TGCA forward (GPU: +22% samples/s for L/4 at batch 8, H200)
+    compile: bool = False  # torch.compile the DiT/TGCA forward (H200, L/4 batch 8: +22% samples/s)
     seed: int = 0
     # Seed keys. condition_dropout duplicates tgca.params.condition_dropout_prob (it may only repeat it);
     # the caching keys belonged to MONAI datasets, which Ray Data streaming replaces.
