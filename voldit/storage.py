@@ -85,8 +85,7 @@ def read_text(path: str | os.PathLike) -> str:
 def put_file(local: str | os.PathLike, dest: str | os.PathLike) -> str:
     """Move a finished local file to ``dest`` atomically (rename locally; one upload to S3)."""
     if is_remote(dest):
-        fs, inner = filesystem(dest)
-        fs.put_file(str(local), inner)
+        upload(local, dest)
         Path(local).unlink(missing_ok=True)
     else:
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
@@ -113,24 +112,28 @@ def write_text(dest: str | os.PathLike, text: str) -> str:
     return write_bytes(dest, text.encode())
 
 
+def upload(local: str | os.PathLike, dest: str) -> str:
+    """Copy one finished local file to remote ``dest`` (the local file stays)."""
+    fs, inner = filesystem(dest)
+    fs.put_file(str(local), inner)
+    return dest
+
+
 def sync_dir(local: str | os.PathLike, dest: str) -> str:
     """Copy a local directory's files to remote ``dest`` (e.g. growing log files), replacing each."""
-    fs, inner = filesystem(dest)
     for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
-        fs.put_file(str(path), f"{inner.rstrip('/')}/{path.relative_to(local).as_posix()}")
+        upload(path, join(dest, path.relative_to(local).as_posix()))
     return dest
 
 
 def put_dir(local: str | os.PathLike, dest: str) -> str:
     """Upload a local directory (a checkpoint) to remote ``dest``: every file, then its MARKER last.
     A previous directory at ``dest`` loses its MARKER first, so it is never half old, half new."""
-    fs, inner = filesystem(dest)
-    marker = f"{inner.rstrip('/')}/{MARKER}"
-    if fs.exists(marker):
-        fs.rm(marker)
+    if exists(join(dest, MARKER)):
+        remove(join(dest, MARKER))
     files = sorted(p for p in Path(local).rglob("*") if p.is_file())
     for path in sorted(files, key=lambda p: p.name == MARKER):
-        fs.put_file(str(path), f"{inner.rstrip('/')}/{path.relative_to(local).as_posix()}")
+        upload(path, join(dest, path.relative_to(local).as_posix()))
     return dest
 
 

@@ -77,9 +77,7 @@ class Layout:
         path = Path(path)
         if not self.remote:
             return str(path)
-        dest = storage.join(self.remote, path.relative_to(self.root).as_posix())
-        fs, inner = storage.filesystem(dest)
-        fs.put_file(str(path), inner)
+        dest = storage.upload(path, storage.join(self.remote, path.relative_to(self.root).as_posix()))
         if not keep:
             path.unlink()
         return dest
