@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +206,10 @@ def label_medians(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[int, f
     return {label: float(np.median(np.concatenate(v))) for label, v in values.items()}
 
 
+def _flat(volumes: Sequence[torch.Tensor]) -> np.ndarray:
+    return np.stack([v.flatten().numpy() for v in volumes])  # (n, voxels)
+
+
 def _read(item: Item, what: str = "image") -> np.ndarray:
     path = item.image if what == "image" else item.mask
     try:
@@ -241,8 +244,7 @@ def evaluate(
     p, edges = hu_histogram(gen)
     q, _ = hu_histogram(ref)
     gen_grid, ref_grid = [resize(v, size) for v in gen], [resize(v, size) for v in ref]
-    flat = lambda vols: np.stack([v.flatten().numpy() for v in vols])  # noqa: E731
-    mmd2, bandwidth = mmd(flat(gen_grid), flat(ref_grid))
+    mmd2, bandwidth = mmd(_flat(gen_grid), _flat(ref_grid))
     results: dict = {
         "generated": {"source": str(generated), "volumes": len(gen)},
         "real": {"source": str(real), "volumes": len(ref)},
@@ -296,7 +298,3 @@ def evaluate(
         plots["dice"] = [(k, v) for k, v in dice.items() if v is not None]
     results["_items"] = {"generated": gen_items, "real": real_items}
     return results, plots
-
-
-def finite(value) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
