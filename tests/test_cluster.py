@@ -3,6 +3,7 @@ manifests run the shipped jobs, and the pipeline job runs through `ray job submi
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -100,6 +101,16 @@ def test_pipeline_job_through_ray_job_submit(tmp_path):
     env.pop("RAY_ADDRESS", None)
     start = [ray, "start", "--head", "--port", str(port), "--dashboard-port", str(dashboard)]
     start += ["--num-cpus", "4", "--temp-dir", temp_dir, "--include-dashboard", "true"]
+    # Every other port free too: the test session's own Ray (with its dashboard agent) may be running.
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"):
+        start += [flag, str(_free_port())]
+    for flag in (
+        "--ray-client-server-port",
+        "--metrics-export-port",
+        "--node-manager-port",
+        "--object-manager-port",
+    ):
+        start += [flag, str(_free_port())]
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
         out = tmp_path / "pipeline"
@@ -115,16 +126,17 @@ def test_pipeline_job_through_ray_job_submit(tmp_path):
         submit += ["--cache", str(ROOT / ".cache" / "examples"), "--output", str(out)]
         submit += ["--set", "training.n_epochs=2", "training.log_every_n_steps=1000"]
         began = time.time()
-        for _ in range(40):  # the head's job agent takes a moment to come up after `ray start`
+        for _ in range(3):  # the head's job agent may take a moment to come up after `ray start`
             result = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
             if "No available agent" not in result.stderr + result.stdout:
                 break
-            time.sleep(3)
+            time.sleep(5)
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         assert "Job 'raysubmit_" in result.stdout and "succeeded" in result.stdout
         print(f"ray job submit: pipeline job finished in {time.time() - began:.0f} s")
     finally:
         _kill_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
     for stage in ("vqgan", "dit", "tgca"):
         assert (out / "runs" / stage / "checkpoints" / "best" / "meta.json").is_file()
     assert len(list((out / "synthetic" / "volumes").glob("*.nii.gz"))) == 12
