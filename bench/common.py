@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import sys
 import time
 from collections.abc import Callable
 
@@ -62,6 +63,13 @@ def emit(rows: list[dict], meta: dict, columns: list[str], path: str | None) -> 
     if path:
         with open(path, "w") as f:
             json.dump(doc, f, indent=2)
+
+
+def emit_speedups(rows: list[dict], key: str, device, columns: list[str], path: str | None) -> None:
+    """``emit`` with a ``speedup`` column: each row's ``key`` over the first row's (the baseline)."""
+    for row in rows:
+        row["speedup"] = row[key] / rows[0][key]
+    emit(rows, header(device, " ".join(sys.argv)), [*columns, "speedup"], path)
 
 
 def _cell(v) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, header, sync  # noqa: E402
+from common import emit_speedups, sync  # noqa: E402
 
 from voldit.diffusion import NoiseSchedule, sample  # noqa: E402
 from voldit.models.dit import DIT_MODELS, DiT3D  # noqa: E402
@@ -108,13 +108,11 @@ def main() -> None:
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    base = rows[0]["volumes_per_hour"]
-    for row in rows:
-        row["speedup"] = row["volumes_per_hour"] / base
-    emit(
+    emit_speedups(
         rows,
-        header(device, " ".join(sys.argv)),
-        ["path", "model", "roi", "batch", "sampler", "s_per_volume", "volumes_per_hour", "speedup"],
+        "volumes_per_hour",
+        device,
+        ["path", "model", "roi", "batch", "sampler", "s_per_volume", "volumes_per_hour"],
         args.out,
     )
 

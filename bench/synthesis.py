@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from common import emit, header, sync  # noqa: E402
+from common import emit_speedups, sync  # noqa: E402
 
 from voldit.builders import build_tgca, build_vqgan, model_from_checkpoint  # noqa: E402
 from voldit.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -236,13 +236,11 @@ def main() -> None:
                     len(paths),
                     time.perf_counter() - start,
                 )
-    base = rows[0]["volumes_per_hour"]
-    for row in rows:
-        row["speedup"] = row["volumes_per_hour"] / base
-    emit(
+    emit_speedups(
         rows,
-        header(device, " ".join(sys.argv)),
-        ["path", "model", "batch", "sampler", "volumes", "s_per_volume", "volumes_per_hour", "speedup"],
+        "volumes_per_hour",
+        device,
+        ["path", "model", "batch", "sampler", "volumes", "s_per_volume", "volumes_per_hour"],
         args.out,
     )
 
