@@ -30,6 +30,23 @@ def _synthesize(csv, run, out, **kwargs):
     return synthesize(csv, run["tgca"], out, batch_size=2, progress=False, **kwargs)
 
 
+def _command(csv, run, out, *extra):
+    """`voldit synthesize` as a separate process, the way users run it."""
+    command = [
+        sys.executable,
+        "-m",
+        "voldit",
+        "synthesize",
+        "--csv",
+        csv,
+        "--tgca",
+        run["tgca"],
+        "--output",
+        out,
+    ]
+    return [*map(str, command), *extra]
+
+
 def _files(folder):
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
@@ -171,22 +188,7 @@ def test_bad_rows_are_recorded_and_the_rest_complete(tiny_tgca_run, crops, examp
     out = tmp_path / "work" / "out"
     before = set(_files(tmp_path))
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "voldit",
-            "synthesize",
-            "--csv",
-            str(csv),
-            "--tgca",
-            str(tiny_tgca_run["tgca"]),
-            "--output",
-            str(out),
-            "--sampler",
-            "ddim",
-            "--steps",
-            "3",
-        ],
+        _command(csv, tiny_tgca_run, out, "--sampler", "ddim", "--steps", "3"),
         cwd=ROOT,
         env={**os.environ, "RAY_ADDRESS": "local"},
         capture_output=True,
@@ -258,22 +260,7 @@ def test_killed_synthesis_resumes_with_every_row_written_once(tiny_tgca_run, cro
     rows = [(f"row{k:02d}", crops["rows"][k % 12][1]) for k in range(10)]
     csv = write_csv(tmp_path / "masks.csv", rows, header="id,mask")
     out = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "voldit",
-        "synthesize",
-        "--csv",
-        str(csv),
-        "--tgca",
-        str(tiny_tgca_run["tgca"]),
-        "--output",
-        str(out),
-        "--batch-size",
-        "1",
-        "--steps",
-        "150",
-    ]
+    command = _command(csv, tiny_tgca_run, out, "--batch-size", "1", "--steps", "150")
     env = {**os.environ, "RAY_ADDRESS": "local"}
     records = out / "records"
     kill_when(command, lambda: bool(list(records.glob("*.json"))), env)

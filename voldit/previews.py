@@ -3,14 +3,15 @@ contact sheet of many previews, because people would rather look than read."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from PIL import Image, ImageDraw
+
+from voldit import storage
 
 PANEL = 128  # pixels along a panel's longer side
 WINDOW = (-1000.0, 1000.0)  # the model's HU window, so the preview shows what the model produces
@@ -101,17 +102,10 @@ def preview(
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write a PNG atomically (temporary name in the same folder, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    storage.write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 def contact_sheet(previews: Sequence[tuple[str, Path]], columns: int = 4, limit: int = 64) -> Image.Image:

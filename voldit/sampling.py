@@ -22,6 +22,7 @@ from voldit.builders import build_schedule, model_from_checkpoint, vqgan_factor
 from voldit.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from voldit.data.intensity import unit_to_hu_int16
 from voldit.diffusion.samplers import SAMPLERS, classifier_free, sample
+from voldit.encode import default_device
 from voldit.models.decoding import DEFAULT_HALO, decode, decode_tiled
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,6 @@ def resolve_vqgan(diffusion: Checkpoint, vqgan: str | Path | None) -> Checkpoint
 def seed_for(row_id: str, base_seed: int = 0) -> int:
     """A row's default seed: stable across runs, machines and row order."""
     return int(hashlib.sha256(f"{base_seed}:{row_id}".encode()).hexdigest()[:15], 16)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Pipeline:

@@ -20,7 +20,6 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -110,10 +109,7 @@ class Layout:
 
 def write_record(layout: Layout, record: dict) -> None:
     path = layout.record(record["name"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(record, indent=1))
     layout.publish(path)
 
 
@@ -336,7 +332,5 @@ def manifest_frame(frame: pd.DataFrame, layout: Layout, condition_keys: list[str
 
 
 def write_manifest(frame: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    storage.write_text(path, frame.to_csv(index=False))
     return path

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from voldit.data.nifti import is_url
+from voldit import storage
 
 
 class ManifestError(ValueError):
@@ -15,12 +15,8 @@ class ManifestError(ValueError):
 
 
 def _exists(path: str) -> bool:
-    if is_url(path):
-        import fsspec
-
-        fs, _, (resolved,) = fsspec.get_fs_token_paths(path)
-        return fs.isfile(resolved)
-    return Path(path).is_file()
+    fs, inner = storage.filesystem(path)
+    return fs.isfile(inner)
 
 
 def read_manifest(

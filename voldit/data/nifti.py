@@ -11,6 +11,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from voldit import storage
+
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -52,19 +54,10 @@ def decode_volume(data: bytes, name: str = "<bytes>", dtype=np.float32) -> Volum
     return Volume(array=array, affine=np.asarray(image.affine, dtype=np.float64))
 
 
-def is_url(path: str | Path) -> bool:
-    return "://" in str(path)
-
-
 def read_bytes(path: str | Path) -> bytes:
     """A file's bytes from a local path or any fsspec URL (``s3://`` through s3fs, with credentials and
     endpoint from the standard AWS environment variables)."""
-    if is_url(path):
-        import fsspec
-
-        with fsspec.open(str(path), "rb") as f:
-            return f.read()
-    return Path(path).read_bytes()
+    return storage.read_bytes(path)
 
 
 def read_volume(path: str | Path, dtype=np.float32) -> Volume:

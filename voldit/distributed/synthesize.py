@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -161,10 +160,7 @@ def _claim(layout: Layout, tgca, vq, settings: SamplingSettings, source: str, vq
                 f"{output} holds volumes made with other checkpoints or settings ({shown}); "
                 "use another --output, or the same settings to finish that run"
             )
-    output.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({**info, "settings": asdict(settings)}, indent=2))
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps({**info, "settings": asdict(settings)}, indent=2))
     layout.publish(path)
 
 
