@@ -36,3 +36,17 @@ def test_backend_validation_and_xformers_fallback():
     with pytest.raises(ValueError, match="attention backend"):
         resolve_backend("flash3")
     assert resolve_backend("xformers") == ("xformers" if xformers_available() else "sdpa")
+
+
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient"])
+def test_pinned_sdpa_kernels_agree_with_math_eager_and_compiled(backend):
+    """A pinned kernel runs where it can and falls back where it cannot (the CPU has no cuDNN or
+    memory-efficient kernel): either way the same attention, also inside torch.compile."""
+    torch.manual_seed(0)
+    reference = Attention(64, 8, backend="math").eval()
+    pinned = Attention(64, 8, backend=backend).eval()
+    pinned.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 50, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(pinned(x), reference(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.compile(pinned)(x), reference(x), rtol=1e-5, atol=1e-6)

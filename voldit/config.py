@@ -90,7 +90,9 @@ class DiTParams:
     num_heads: int = 16
     mlp_ratio: float = 4.0
     dropout: float = 0.1  # on attention weights, projections and MLP, as the reference trains
-    attention: str = "sdpa"  # sdpa | xformers (falls back to sdpa when not installed) | math
+    attention: str = (
+        "sdpa"  # sdpa (PyTorch picks) | flash | cudnn | efficient (SDPA kernel pinned) | xformers | math
+    )
     # Seed keys, accepted so existing files load: class conditioning is not part of VolDiT, and
     # flash_attention is served by SDPA's flash kernels.
     class_dropout_prob: float = 0.0
@@ -143,7 +145,7 @@ class Training:
     shuffle_buffer: int = 16  # rows in each worker's local shuffle buffer
     max_steps: int | None = None  # stop early after this many optimiser steps (smoke tests, sweeps)
     mixed_precision: str = "bf16"  # bf16 | fp16 | no; only used on GPU
-    compile: bool = False  # torch.compile the DiT/TGCA forward (H200, L/4 batch 8: +22% samples/s)
+    compile: bool = False  # torch.compile each transformer block (H200, L/4 batch 8: +22% samples/s)
     seed: int = 0
     # Seed keys. condition_dropout duplicates tgca.params.condition_dropout_prob (it may only repeat it);
     # the caching keys belonged to MONAI datasets, which Ray Data streaming replaces.

@@ -1,4 +1,5 @@
-"""Multi-head self-attention with selectable kernels: torch SDPA (default), xformers, or plain math."""
+"""Multi-head self-attention with selectable kernels: torch SDPA (default), one SDPA kernel pinned
+(flash, cudnn, efficient), xformers, or plain math."""
 
 from __future__ import annotations
 
@@ -7,8 +8,17 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-BACKENDS = ("sdpa", "xformers", "math")
+BACKENDS = ("sdpa", "flash", "cudnn", "efficient", "xformers", "math")
+# A pinned kernel is tried first; where it cannot run (the CPU has no cuDNN or memory-efficient kernel,
+# flash needs fp16/bf16 on GPU) SDPA falls back along this order rather than failing.
+_PINNED = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
+_FALLBACK = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def xformers_available() -> bool:
@@ -69,6 +79,10 @@ class Attention(nn.Module):
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, D)
             if self.backend == "sdpa":
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            elif self.backend in _PINNED:
+                first = _PINNED[self.backend]
+                with sdpa_kernel([first] + [b for b in _FALLBACK if b != first], set_priority=True):
+                    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
             else:
                 out = math_attention(q, k, v, dropout_p)
             out = out.transpose(1, 2)  # (B, N, H, D)

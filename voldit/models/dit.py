@@ -229,5 +229,17 @@ class DiT3D(nn.Module):
         return self.head(self.run_blocks(tokens, c), c)
 
 
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """Compile each transformer block in place (regional compilation) and return the model.
+
+    The blocks are alike, so one compiled block serves all of them: compiling takes seconds instead of
+    the minutes a whole-model graph of a 24-block VolDiT-L takes, and parameter names do not change.
+    """
+    for module in model.modules():
+        if isinstance(module, DiTBlock):
+            module.compile()
+    return model
+
+
 def count_trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

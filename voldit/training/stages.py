@@ -28,6 +28,7 @@ from voldit.builders import (
 from voldit.checkpoint import Checkpoint
 from voldit.config import section_dict
 from voldit.diffusion import diffusion_loss
+from voldit.models.dit import compile_blocks
 from voldit.models.ema import EMA
 from voldit.models.vqgan import VQGANLoss, init_codebook
 from voldit.training.context import RunContext, TrainingError
@@ -111,9 +112,9 @@ class DiffusionStage:
             self.condition_keys = []
         self.model.to(ctx.device)
         self.encoder = encoder.to(ctx.device).eval().requires_grad_(False) if encoder is not None else None
-        self.net = _wrap(self.model, ctx)
         if cfg.training.compile:
-            self.net = torch.compile(self.net)
+            compile_blocks(self.model)  # per block: seconds to compile, as fast as a whole-model graph
+        self.net = _wrap(self.model, ctx)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = _adamw(self.params, cfg.optim.lr, cfg, ctx.device)
         self.lr_schedule = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.optim.lr_gamma)
