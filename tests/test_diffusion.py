@@ -116,6 +116,9 @@ def test_classifier_free_guidance():
     assert classifier_free(denoise, 1.0) is denoise
     guided = classifier_free(denoise, 3.0)
     torch.testing.assert_close(guided(x, t, condition=c), torch.full_like(x, 3.0))  # 0 + 3 * (1 - 0)
+    # An unconditional input of batch one is shared by every sample.
+    shared = classifier_free(denoise, 3.0, unconditional={"condition": torch.full((1, 1, 2, 2, 2), 0.5)})
+    torch.testing.assert_close(shared(x, t, condition=c), torch.full_like(x, 2.0))  # 0.5 + 3 * (1 - 0.5)
 
 
 def test_loss_is_smooth_l1_to_target(tiny_dit):

@@ -275,6 +275,7 @@ def _settings(args: argparse.Namespace):
             precision=args.precision,
             decode=args.decode,
             decode_tile=args.decode_tile,
+            cuda_graphs=args.cuda_graphs,
         )
     except ValueError as error:
         raise ConfigError(str(error)) from None
@@ -668,6 +669,11 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--decode-tile", type=int, default=16, help="latent voxels per tile axis for tiled decoding"
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay the denoiser from CUDA graphs (GPU; pays for small models and batches)",
     )
 
 

@@ -21,6 +21,7 @@ import torch
 from voldit.builders import build_schedule, model_from_checkpoint, vqgan_factor
 from voldit.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from voldit.data.intensity import unit_to_hu_int16
+from voldit.diffusion.graphs import GraphedDenoiser
 from voldit.diffusion.samplers import SAMPLERS, classifier_free, sample
 from voldit.encode import default_device
 from voldit.models.decoding import DEFAULT_HALO, decode, decode_tiled
@@ -42,6 +43,7 @@ class SamplingSettings:
     precision: str = "auto"  # autocast dtype; auto: bf16 on GPU, none on CPU
     decode: str = "auto"  # auto: whole volume, in tiles if that runs out of memory
     decode_tile: int = 16  # latent voxels per tile axis (x8 image voxels for the ds8 VQ-GAN)
+    cuda_graphs: bool = False  # replay the denoiser from CUDA graphs (GPU only; pays for small models)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -132,6 +134,7 @@ class Pipeline:
         self.condition_labels: dict[str, list[int] | None] = meta.get("condition_labels") or {}
         self.model = model_from_checkpoint(self.checkpoint).to(self.device)
         self.vq = model_from_checkpoint(self.vqgan_checkpoint).to(self.device)
+        self._denoise = None
         self.schedule = build_schedule(cfg)
         self.ids = {
             "checkpoint": fingerprint(self.checkpoint.path),
@@ -162,20 +165,12 @@ class Pipeline:
             if self.conditional:
                 if condition is None:
                     raise ValueError("a TGCA checkpoint samples conditionally: pass the masks")
-                condition = condition.to(self.device)
                 # The condition's features do not depend on the timestep: computed once, not per step.
-                features = self.model.condition_features(condition)
-                null = self.model.condition_features(torch.zeros_like(condition[:1])).expand_as(features)
-
-                def denoise(x, t, features):
-                    return self.model(x, t, features=features)
-
-                denoise = classifier_free(denoise, s.guidance, unconditional={"features": null})
-                cond = {"features": features}
+                cond = {"features": self.model.condition_features(condition.to(self.device))}
             else:
-                denoise, cond = self.model, {}
+                cond = {}
             latents = sample(
-                denoise,
+                self._denoiser(condition),
                 self.schedule,
                 shape,
                 generators,
@@ -187,6 +182,25 @@ class Pipeline:
                 **cond,
             )
         return latents.float() / self.scale_factor
+
+    def _denoiser(self, condition: torch.Tensor | None):
+        """The network as the sampler calls it, built once: guidance with the empty condition's features
+        (computed once), replayed from CUDA graphs when the settings ask for them."""
+        if self._denoise is None:
+            if self.conditional:
+                empty = torch.zeros_like(condition[:1], device=self.device)
+                null = self.model.condition_features(empty)
+
+                def denoise(x, t, features):
+                    return self.model(x, t, features=features)
+
+                denoise = classifier_free(denoise, self.settings.guidance, unconditional={"features": null})
+            else:
+                denoise = self.model
+            if self.settings.cuda_graphs and self.device.type == "cuda":
+                denoise = GraphedDenoiser(denoise)
+            self._denoise = denoise
+        return self._denoise
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,8 @@ def classifier_free(
     """Wrap a conditional denoiser with classifier-free guidance: u + s (c - u).
 
     ``u`` is the prediction with the conditioning kwargs replaced by ``unconditional`` (default: zeros of
-    the same shape, a dropped condition). Scale 1.0 returns the plain conditional denoiser (one pass);
-    otherwise both passes run as one batch.
+    the same shape, a dropped condition; a batch of one is shared by every sample). Scale 1.0 returns the
+    plain conditional denoiser (one pass); otherwise both passes run as one batch.
     """
     if guidance_scale == 1.0:
         return denoise
@@ -47,7 +47,9 @@ def classifier_free(
             unconditional if unconditional is not None else {k: torch.zeros_like(v) for k, v in cond.items()}
         )
         both = denoise(
-            torch.cat([x, x]), torch.cat([t, t]), **{k: torch.cat([v, null[k]]) for k, v in cond.items()}
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            **{k: torch.cat([v, null[k].expand_as(v)]) for k, v in cond.items()},
         )
         conditional, uncond = both.chunk(2)
         return uncond + guidance_scale * (conditional - uncond)
