@@ -25,3 +25,11 @@ def test_inverse_is_fixed_not_per_image():
 def test_output_stays_in_range_and_int16():
     out = unit_to_hu_int16(torch.tensor([-1.7, 0.25, 1.3]))
     assert out.dtype == np.int16 and out.tolist() == [-1000, 250, 1000]
+
+
+def test_tensor_and_array_inputs_round_alike():
+    """Tensors are converted with torch (all cores), arrays with numpy: the voxels must be identical,
+    halves included (both round half to even)."""
+    x = torch.cat([torch.rand(100_000) * 2.2 - 1.1, torch.tensor([0.0025, -0.0025, 0.0015, 0.0005])])
+    assert np.array_equal(unit_to_hu_int16(x), unit_to_hu_int16(x.numpy()))
+    assert unit_to_hu_int16(x).dtype == np.int16

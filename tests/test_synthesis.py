@@ -120,6 +120,54 @@ def test_a_seed_gives_the_same_volume_in_any_batch(tiny_tgca_run, crops):
     assert not torch.allclose(both[0], both[1])
 
 
+def test_a_volume_that_cannot_be_written_fails_alone(tiny_tgca_run, crops, tmp_path, monkeypatch):
+    """Volumes are written by a thread pool: one failing write marks that row failed, not its batch."""
+    import json
+
+    import voldit.synthesis as synthesis
+
+    real = synthesis.write_volume
+
+    def flaky(path, *args):
+        if "second" in str(path):
+            raise OSError("No space left on device")
+        return real(path, *args)
+
+    monkeypatch.setattr(synthesis, "write_volume", flaky)
+    synth = synthesis.Synthesizer(tiny_tgca_run["tgca"], tmp_path, settings={"sampler": "ddim", "steps": 2})
+    names = ["first", "second", "third"]
+    masks = [str(crops["rows"][k][1]) for k in range(3)]
+    result = synth(
+        {"id": np.array(names), "name": np.array(names), "seed": np.arange(3), "mask": np.array(masks)}
+    )
+    assert result["error"][0] == result["error"][2] == ""
+    assert "OSError: No space left on device" in result["error"][1]
+    records = {n: json.loads((tmp_path / "records" / f"{n}.json").read_text()) for n in names}
+    assert [records[n]["status"] for n in names] == ["ok", "failed", "ok"]
+    assert sorted(p.name for p in (tmp_path / "volumes").iterdir()) == ["first.nii.gz", "third.nii.gz"]
+
+    # A decode that fails (say, out of memory) part-way: the volumes decoded before it are still written.
+    monkeypatch.setattr(synthesis, "write_volume", real)
+    other = synthesis.Synthesizer(
+        tiny_tgca_run["tgca"], tmp_path / "b", settings={"sampler": "ddim", "steps": 2}
+    )
+    decode, calls = other.pipeline.decode, []
+
+    def failing_decode(latents):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return decode(latents)
+
+    monkeypatch.setattr(other.pipeline, "decode", failing_decode)
+    result = other(
+        {"id": np.array(names), "name": np.array(names), "seed": np.arange(3), "mask": np.array(masks)}
+    )
+    assert result["error"][0] == ""
+    assert all("RuntimeError: CUDA out of memory" in e for e in result["error"][1:])
+    assert [p.name for p in (tmp_path / "b" / "volumes").iterdir()] == ["first.nii.gz"]
+
+
 def _volume(path):
     from voldit.data.nifti import read_volume
 

@@ -24,6 +24,20 @@ def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.nd
     return nib.orientations.apply_orientation(array, ornt), spacing
 
 
+def _labelled_centre(labels: np.ndarray) -> list[int] | None:
+    """Per axis, the median index of the labelled voxels (None when nothing is labelled), from the
+    labelled-voxel counts per slice: no list of every labelled voxel's coordinates."""
+    labelled = labels != 0
+    centre = []
+    for axis in range(labelled.ndim):
+        others = tuple(a for a in range(labelled.ndim) if a != axis)
+        counts = np.cumsum(labelled.sum(axis=others, dtype=np.int64))
+        if counts[-1] == 0:
+            return None
+        centre.append(int(np.searchsorted(counts, (counts[-1] + 1) // 2)))
+    return centre
+
+
 def _slices(volume: np.ndarray, centre: Sequence[int]) -> list[np.ndarray]:
     """Axial, coronal, sagittal slices through ``centre``, as images with superior/anterior up."""
     x, y, z = centre
@@ -58,7 +72,8 @@ def _colour(label: int) -> tuple[int, int, int]:
 
 def _panel(grey: np.ndarray, spacing: tuple[float, float], labels: np.ndarray | None) -> Image.Image:
     lo, hi = WINDOW
-    rgb = np.repeat(((np.clip(grey, lo, hi) - lo) / (hi - lo) * 255).astype(np.uint8)[..., None], 3, -1)
+    grey = np.clip(grey.astype(np.float32), lo, hi)
+    rgb = np.repeat(((grey - lo) / (hi - lo) * 255).astype(np.uint8)[..., None], 3, -1)
     if labels is not None:
         edge = _outline(labels)
         for label in np.unique(labels[edge]):
@@ -79,12 +94,10 @@ def preview(
 
     Slices pass through the centre of the labelled region when there is one, else the volume's middle.
     """
-    volume, spacing = _canonical(np.asarray(volume, dtype=np.float32), affine)
+    volume, spacing = _canonical(np.asarray(volume), affine)
     labels = _canonical(np.asarray(mask), affine)[0] if mask is not None else None
-    if labels is not None and labels.any():
-        centre = [int(np.median(axis)) for axis in np.nonzero(labels)]
-    else:
-        centre = [n // 2 for n in volume.shape]
+    centre = _labelled_centre(labels) if labels is not None else None
+    centre = centre or [n // 2 for n in volume.shape]
     aspects = _aspects(spacing)
     rows = [[_panel(s, a, None) for s, a in zip(_slices(volume, centre), aspects, strict=True)]]
     if labels is not None:

@@ -20,8 +20,10 @@ import datetime
 import hashlib
 import json
 import logging
+import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +195,15 @@ class Synthesizer:
         self.layout = Layout(Path(output), remote)
         self.allow_unseen_labels = allow_unseen_labels
         self.previews = previews
+        # Reading masks and writing compressed 512x512x256 volumes take seconds of CPU each: several
+        # run at once, and beside the GPU. Each worker runs torch single-threaded: worker threads with
+        # their own OpenMP teams slowed the sampling thread's CPU kernels twofold.
+        self._workers = ThreadPoolExecutor(
+            max(1, min(8, os.cpu_count() or 1)),
+            thread_name_prefix="voldit-io",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
 
     def _masks(self, row: dict) -> tuple[PreparedCondition, np.ndarray]:
         masks = {}
@@ -225,6 +236,12 @@ class Synthesizer:
         first = next(iter(masks.values()))
         return prepared, first.array
 
+    def _try_masks(self, row: dict) -> tuple[dict, tuple | None, str]:
+        try:
+            return row, self._masks(row), ""
+        except VolumeError as error:
+            return row, None, str(error)
+
     def _record(self, row: dict, **fields) -> dict:
         p = self.pipeline
         record = {
@@ -253,14 +270,14 @@ class Synthesizer:
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         results = {r["id"]: "" for r in rows}
         ready = []
-        for row in rows:
-            try:
-                ready.append((row, *self._masks(row)))
-            except VolumeError as error:
-                results[row["id"]] = str(error)
+        for row, prepared, error in self._workers.map(self._try_masks, rows):  # read in parallel
+            if error:
+                results[row["id"]] = error
+            else:
+                ready.append((row, *prepared))
         if ready:
             try:
-                self._generate(ready, start)
+                results.update(self._generate(ready, start))
             except Exception as error:  # noqa: BLE001 - one failing batch must not end the job
                 log.exception("batch of %d rows failed", len(ready))
                 for row, *_ in ready:
@@ -277,30 +294,49 @@ class Synthesizer:
             "seconds": [seconds] * len(rows),
         }
 
-    def _generate(self, ready: list, start: float) -> None:
+    def _generate(self, ready: list, start: float) -> dict[str, str]:
+        """Sample the batch, then decode each volume on the device while a thread pool puts the decoded
+        ones back on their masks' grids and writes them (CPU work that would otherwise leave the GPU
+        idle). Returns the rows that failed after sampling, with their reasons."""
         condition = torch.stack([prepared.condition for _, prepared, _ in ready])  # (B, K, *roi_size)
         latents = self.pipeline.sample_latents([int(row["seed"]) for row, *_ in ready], condition)
-        sampled = time.perf_counter()
-        share = (sampled - start) / len(ready)
+        share = (time.perf_counter() - start) / len(ready)
+        jobs, stopped = {}, None
         for (row, prepared, mask), latent in zip(ready, latents, strict=True):
             began = time.perf_counter()
-            image = self.pipeline.decode(latent[None])[0]  # (*roi_size) in [-1, 1]
-            hu = unit_to_hu_int16(prepared.restore(image))  # back on the mask's grid
-            volume = write_volume(self.layout.volume(row["name"]), hu, prepared.source_affine)
-            volume = self.layout.publish(volume, keep=False)  # remote: the staging copy is not kept
-            shown = ""
-            if self.previews:
-                labels = np.rint(mask).astype(np.int32)
-                picture = preview(hu, prepared.source_affine, labels, title=row["name"])
-                shown = self.layout.publish(save_png(picture, self.layout.preview(row["name"])))
-            record = self._record(
-                row,
-                output=volume,
-                preview=shown,
-                shape=list(hu.shape),
-                seconds=share + time.perf_counter() - began,
-            )
-            write_record(self.layout, record)
+            try:
+                image = self.pipeline.decode(latent[None])[0]  # (*roi_size) in [-1, 1]
+            except Exception as error:  # noqa: BLE001 - the volumes already decoded are still written
+                log.exception("decoding failed at row %s", row["id"])
+                stopped = f"synthesis failed: {type(error).__name__}: {error}"
+                break
+            jobs[row["id"]] = self._workers.submit(self._write, row, prepared, mask, image, share, began)
+        failed = {row["id"]: stopped for row, *_ in ready if stopped and row["id"] not in jobs}
+        for row_id, job in jobs.items():  # every write ends before the batch returns
+            try:
+                job.result()
+            except Exception as error:  # noqa: BLE001 - one unwritable volume must not fail its batch
+                log.exception("row %s failed after sampling", row_id)
+                failed[row_id] = f"writing failed: {type(error).__name__}: {error}"
+        return failed
+
+    def _write(self, row: dict, prepared, mask: np.ndarray, image: torch.Tensor, share: float, began: float):
+        hu = unit_to_hu_int16(prepared.restore(image))  # back on the mask's grid
+        volume = write_volume(self.layout.volume(row["name"]), hu, prepared.source_affine)
+        volume = self.layout.publish(volume, keep=False)  # remote: the staging copy is not kept
+        shown = ""
+        if self.previews:
+            labels = np.rint(mask).astype(np.int32)
+            picture = preview(hu, prepared.source_affine, labels, title=row["name"])
+            shown = self.layout.publish(save_png(picture, self.layout.preview(row["name"])))
+        record = self._record(
+            row,
+            output=volume,
+            preview=shown,
+            shape=list(hu.shape),
+            seconds=share + time.perf_counter() - began,
+        )
+        write_record(self.layout, record)
 
 
 def manifest_frame(frame: pd.DataFrame, layout: Layout, condition_keys: list[str]) -> pd.DataFrame:

@@ -32,5 +32,6 @@ def unit_to_hu(x: Array) -> Array:
 def unit_to_hu_int16(x: Array) -> np.ndarray:
     """``unit_to_hu`` rounded to the int16 voxels CT is stored in."""
     hu = unit_to_hu(x)
-    hu = hu.cpu().numpy() if isinstance(hu, torch.Tensor) else hu
+    if isinstance(hu, torch.Tensor):  # torch rounds half to even like np.rint, on all cores (or the GPU)
+        return hu.round_().to(torch.int16).cpu().numpy()
     return np.rint(hu).astype(np.int16)
