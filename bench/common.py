@@ -52,14 +52,15 @@ def header(device: torch.device, command: str) -> dict:
     }
 
 
-def emit(rows: list[dict], meta: dict, columns: list[str], path: str | None) -> None:
-    """Print a table and one JSON document; write the JSON to path when given."""
+def emit(rows: list[dict], meta: dict, columns: list[str], path: str | None, as_json: bool = True) -> None:
+    """Print a table and (``as_json``) one JSON document; write the JSON to path when given."""
     doc = {**meta, "results": rows}
     widths = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(_cell(r.get(c)).ljust(widths[c]) for c in columns))
-    print(json.dumps(doc))
+    if as_json:
+        print(json.dumps(doc))
     if path:
         with open(path, "w") as f:
             json.dump(doc, f, indent=2)

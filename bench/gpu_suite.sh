@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite in one go (training step and conditional sampling), results as JSON in $1.
-# Needs only torch, tqdm and monai: no Ray.
+# The GPU benchmark suite in one go, results as JSON in $1. Needs torch, tqdm, safetensors, monai,
+# omegaconf and nibabel, not Ray (the README's Benchmarks section says how to bring them as wheels).
+# About 12 minutes on one H200.
 set -u
 out=${1:-bench/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 bench/sampling.py --model VolDiT-L/4 --roi 512 512 256 --batch 8 --out "$out/sampling_l4.json"
-python3 bench/train_step.py --models VolDiT-L/4 VolDiT-B/4 VolDiT-S/4 VolDiT-XS/4 --modes baseline bf16_sdpa \
+# Fast paths against their plain counterparts (tolerances), SDPA kernels, CUDA graphs of the sampling loop.
+python3 bench/fastpaths.py --out "$out/fastpaths.json"
+# Training step: the reference procedure beside the fast paths, at the seed's batch and at larger ones.
+python3 bench/train_step.py --models VolDiT-L/4 --batch 2 --modes baseline bf16_sdpa bf16_cudnn_compile_blocks \
+  --out "$out/train_l4_b2.json"
+python3 bench/train_step.py --models VolDiT-L/4 --batch 8 32 \
+  --modes bf16_flash bf16_cudnn bf16_sdpa_compile_blocks bf16_cudnn_compile_blocks \
+  --profile "$out/profile.txt" --out "$out/train_l4.json"
+python3 bench/train_step.py --models VolDiT-B/4 VolDiT-S/4 VolDiT-XS/4 --modes baseline bf16_sdpa \
   --out "$out/train_p4.json"
 python3 bench/train_step.py --models VolDiT-L/2 VolDiT-B/2 VolDiT-S/2 VolDiT-XS/2 --modes baseline bf16_sdpa \
   --iters 5 --out "$out/train_p2.json"
-python3 bench/train_step.py --models VolDiT-L/4 --batch 8 --modes bf16_sdpa bf16_sdpa_compile \
-  --out "$out/train_l4_b8.json"
-python3 bench/synthesis.py --size full --model VolDiT-L/4 --masks 16 --baseline-masks 2 --batch 8 --out "$out/synthesis_l4.json"  # needs nibabel (carry its wheel)
+# Denoising only, and the whole synthesis job (masks in, NIfTI out) against the reference loop.
+python3 bench/sampling.py --model VolDiT-L/4 --roi 512 512 256 --batch 8 --out "$out/sampling_l4.json"
+python3 bench/synthesis.py --size full --model VolDiT-L/4 --masks 8 --baseline-masks 1 --batch 8 \
+  --out "$out/synthesis_l4.json"
+python3 bench/vqgan_memory.py --roi 512 512 256 --out "$out/vqgan_memory.json"

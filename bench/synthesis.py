@@ -73,15 +73,15 @@ def masks(size: str, count: int, roi: list[int], folder: Path) -> list[Path]:
 
         rows = write_crops(folder / "crops", fetch_examples(ROOT / ".cache" / "examples"))
         return [rows[k % len(rows)][1] for k in range(count)]
-    grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, n) for n in roi), indexing="ij"))
+    axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in roi]
     paths = []
     for k in range(count):
         label = np.zeros(roi, np.uint8)
         rng = np.random.default_rng(k)
         for value in (1, 2, 3):
             centre, radii = rng.uniform(-0.4, 0.4, 3), rng.uniform(0.15, 0.4, 3)
-            inside = (((grid - centre[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) < 1
-            label[inside] = value
+            x, y, z = (((a - c) / r) ** 2 for a, c, r in zip(axes, centre, radii, strict=True))
+            label[x[:, None, None] + y[None, :, None] + z[None, None, :] < 1] = value
         paths.append(write_volume(folder / f"mask_{k:03d}.nii", label, np.diag([0.8, 0.8, 1.5, 1.0])))
     return paths
 
@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--fast-steps", type=int, default=50)
     parser.add_argument("--baseline-masks", type=int, default=None, help="masks for the (slow) baseline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--samplers", nargs="+", default=["ddpm", "ddim"], choices=["ddpm", "ddim"])
     parser.add_argument("--ray", action="store_true", help="also time the `voldit synthesize` Ray job")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -195,7 +196,9 @@ def main() -> None:
             n_base,
             baseline(math_ckpt, vq, paths[:n_base], tmp / "b", args.steps, device),
         )
-        for sampler, steps in (("ddpm", args.steps), ("ddim", args.fast_steps)):
+        samplers = [("ddpm", args.steps), ("ddim", args.fast_steps)]
+        samplers = [(name, steps) for name, steps in samplers if name in args.samplers]
+        for sampler, steps in samplers:
             settings = SamplingSettings(sampler=sampler, steps=steps)
             ours(
                 sdpa_ckpt,

@@ -1,32 +1,38 @@
 """VolDiT training-step throughput and model FLOPs utilisation, fast paths beside the reference procedure.
 
 Baseline (the reference's procedure): fp16 autocast with a GradScaler, plain attention math, AdamW,
-no compile. Fast paths: bf16 autocast, SDPA attention (flash kernels), fused AdamW, optionally
-torch.compile. Every mode runs the same step: v-prediction Smooth-L1 loss, backward, clip at 1.0,
-AdamW, EMA update.
+no compile. Fast paths: bf16 autocast, SDPA attention (PyTorch's pick, or one kernel pinned: flash,
+cudnn), fused AdamW, optionally torch.compile of the whole model or of each block. Every mode runs the
+same step: v-prediction Smooth-L1 loss, backward, clip at 1.0, AdamW, EMA update.
 
     python bench/train_step.py --models VolDiT-L/4 --device cuda --out results.json
+    python bench/train_step.py --models VolDiT-L/4 --batch 8 --modes bf16_cudnn_compile_blocks --profile
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, header, peak_flops, timed  # noqa: E402
+from common import emit, header, peak_flops, sync, timed  # noqa: E402
 
 from voldit.diffusion import NoiseSchedule, diffusion_loss  # noqa: E402
-from voldit.models.dit import DIT_MODELS, DiT3D  # noqa: E402
+from voldit.models.dit import DIT_MODELS, DiT3D, compile_blocks  # noqa: E402
 from voldit.models.ema import EMA  # noqa: E402
 
 MODES = {
-    "baseline": dict(amp=torch.float16, attention="math", fused=False, compile=False),
-    "bf16_sdpa": dict(amp=torch.bfloat16, attention="sdpa", fused=True, compile=False),
-    "bf16_sdpa_compile": dict(amp=torch.bfloat16, attention="sdpa", fused=True, compile=True),
+    "baseline": dict(amp=torch.float16, attention="math", fused=False, compile=None),
+    "bf16_sdpa": dict(amp=torch.bfloat16, attention="sdpa", fused=True, compile=None),
+    "bf16_flash": dict(amp=torch.bfloat16, attention="flash", fused=True, compile=None),
+    "bf16_cudnn": dict(amp=torch.bfloat16, attention="cudnn", fused=True, compile=None),
+    "bf16_sdpa_compile": dict(amp=torch.bfloat16, attention="sdpa", fused=True, compile="model"),
+    "bf16_sdpa_compile_blocks": dict(amp=torch.bfloat16, attention="sdpa", fused=True, compile="blocks"),
+    "bf16_cudnn_compile_blocks": dict(amp=torch.bfloat16, attention="cudnn", fused=True, compile="blocks"),
 }
 
 
@@ -42,7 +48,9 @@ def forward_flops(name: str, input_size) -> int:
     return counter.get_total_flops()
 
 
-def run(name: str, mode: str, batch: int, input_size, device, warmup: int, iters: int) -> dict:
+def run(
+    name: str, mode: str, batch: int, input_size, device, warmup: int, iters: int, profile: str | None
+) -> dict:
     spec = MODES[mode]
     torch.manual_seed(0)
     model = DiT3D(**DIT_MODELS[name], input_size=input_size, attention=spec["attention"]).to(device)
@@ -51,7 +59,7 @@ def run(name: str, mode: str, batch: int, input_size, device, warmup: int, iters
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
     ema = EMA(model, 0.9999)
     scaler = torch.amp.GradScaler(enabled=spec["amp"] is torch.float16 and device.type == "cuda")
-    net = torch.compile(model) if spec["compile"] else model
+    net = {"model": torch.compile, "blocks": compile_blocks, None: lambda m: m}[spec["compile"]](model)
     schedule = NoiseSchedule(300, "cosine", "v_prediction")
     x0 = torch.randn(batch, 8, *input_size, device=device)
     amp_on = device.type == "cuda" or spec["amp"] is torch.bfloat16
@@ -69,7 +77,13 @@ def run(name: str, mode: str, batch: int, input_size, device, warmup: int, iters
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    step()  # the first step compiles
+    sync(device)
+    first = time.perf_counter() - start
     seconds = timed(step, device, warmup, iters)
+    if profile:
+        _profile(step, device, f"{name} {mode} batch {batch}", profile)
     tokens = model.num_tokens
     flops = 3 * forward_flops(name, input_size) * batch  # forward + backward (2x)
     peak = peak_flops(device)
@@ -84,7 +98,23 @@ def run(name: str, mode: str, batch: int, input_size, device, warmup: int, iters
         "tflops": flops / seconds / 1e12,
         "mfu": flops / seconds / peak if peak else None,
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "first_step_s": first,
     }
+
+
+def _profile(step, device, title: str, path: str) -> None:
+    """Append the kernels that took the most device time over 3 steps to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    with open(path, "a") as f:
+        f.write(f"## {title} (3 steps)\n{table}\n")
 
 
 def main() -> None:
@@ -99,6 +129,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--profile", default=None, metavar="FILE", help="append a kernel-time table per run")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -108,9 +139,14 @@ def main() -> None:
         for batch in args.batch:
             for mode in args.modes:
                 try:
-                    rows.append(run(name, mode, batch, args.input_size, device, args.warmup, args.iters))
+                    rows.append(
+                        run(name, mode, batch, args.input_size, device, args.warmup, args.iters, args.profile)
+                    )
                 except torch.OutOfMemoryError:
                     rows.append({"model": name, "mode": mode, "batch": batch, "error": "out of memory"})
+                except Exception as error:  # noqa: BLE001 - one failing mode must not lose the others
+                    message = f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
+                    rows.append({"model": name, "mode": mode, "batch": batch, "error": message})
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 print(rows[-1], file=sys.stderr, flush=True)
@@ -139,6 +175,7 @@ def main() -> None:
         "mfu",
         "speedup",
         "peak_mem_gb",
+        "first_step_s",
         "error",
     ]
     emit(rows, header(device, " ".join(sys.argv)), columns, args.out)
