@@ -13,7 +13,7 @@ python3 bench/fastpaths.py --out "$out/fastpaths.json"
 python3 bench/train_step.py --models VolDiT-L/4 --batch 2 --modes baseline bf16_sdpa bf16_cudnn_compile_blocks \
   --out "$out/train_l4_b2.json"
 python3 bench/train_step.py --models VolDiT-L/4 --batch 8 32 \
-  --modes bf16_flash bf16_cudnn bf16_sdpa_compile_blocks bf16_cudnn_compile_blocks \
+  --modes bf16_flash bf16_cudnn bf16_sdpa_compile_blocks bf16_cudnn_compile_blocks bf16_cudnn_compile_blocks_aten_rng \
   --profile "$out/profile.txt" --out "$out/train_l4.json"
 python3 bench/train_step.py --models VolDiT-B/4 VolDiT-S/4 VolDiT-XS/4 --modes baseline bf16_sdpa \
   --out "$out/train_p4.json"

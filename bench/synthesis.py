@@ -174,6 +174,7 @@ def main() -> None:
         label = f"{'tiny' if args.size == 'tiny' else args.model} {'x'.join(map(str, roi))}"
 
         def record(path, batch, sampler, n, seconds):
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             rows.append(
                 {
                     "path": path,
@@ -183,9 +184,12 @@ def main() -> None:
                     "volumes": n,
                     "s_per_volume": seconds / n,
                     "volumes_per_hour": 3600 * n / seconds,
+                    "peak_gpu_gb": peak,  # sampling, decode and all: the whole path's high-water mark
                 }
             )
             print(rows[-1], file=sys.stderr, flush=True)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
 
         n_base = args.baseline_masks or args.masks
         baseline(math_ckpt, vq, paths[:1], tmp / "warm", 2, device)  # one-off costs out of the timing
@@ -243,7 +247,7 @@ def main() -> None:
         rows,
         "volumes_per_hour",
         device,
-        ["path", "model", "batch", "sampler", "volumes", "s_per_volume", "volumes_per_hour"],
+        ["path", "model", "batch", "sampler", "volumes", "s_per_volume", "volumes_per_hour", "peak_gpu_gb"],
         args.out,
     )
 
