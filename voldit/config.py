@@ -90,9 +90,7 @@ class DiTParams:
     num_heads: int = 16
     mlp_ratio: float = 4.0
     dropout: float = 0.1  # on attention weights, projections and MLP, as the reference trains
-    attention: str = (
-        "sdpa"  # sdpa (PyTorch picks) | flash | cudnn | efficient (SDPA kernel pinned) | xformers | math
-    )
+    attention: str = "sdpa"  # sdpa (PyTorch picks) | flash | cudnn | efficient (pinned) | xformers | math
     # Seed keys, accepted so existing files load: class conditioning is not part of VolDiT, and
     # flash_attention is served by SDPA's flash kernels.
     class_dropout_prob: float = 0.0
