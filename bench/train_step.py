@@ -6,7 +6,7 @@ cudnn), fused AdamW, optionally torch.compile of the whole model or of each bloc
 same step: v-prediction Smooth-L1 loss, backward, clip at 1.0, AdamW, EMA update.
 
     python bench/train_step.py --models VolDiT-L/4 --device cuda --out results.json
-    python bench/train_step.py --models VolDiT-L/4 --batch 8 --modes bf16_cudnn_compile_blocks --profile
+    python bench/train_step.py --models VolDiT-L/4 --batch 8 --modes bf16_cudnn_compile_blocks --profile prof.txt
 """
 
 from __future__ import annotations
