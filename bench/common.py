@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-# Dense bf16/fp16 tensor-core peak by the vendors' datasheets (FLOP/s), for model FLOPs utilisation.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+# Dense bf16/fp16 tensor-core peak by the vendors' datasheets (FLOP/s), for model FLOPs utilisation;
+# the first name contained in the device's name wins (the PCIe and NVL H100s are slower than the SXM).
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def device_name(device: torch.device) -> str:

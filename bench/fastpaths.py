@@ -7,8 +7,9 @@ Three parts, each printed as a table and written into one JSON document:
   math attention (dropout off).
 - ``equality``: every switchable fast path against the plain computation on a VolDiT with random
   weights (AdaLN-Zero's zero layers included, so every block does work), with the tolerance it must meet:
-  bf16 autocast, each attention kernel, torch.compile (whole model and per block), fused AdamW, and
-  sampling from CUDA graphs. ``ok`` is false where a path misses its tolerance.
+  bf16 autocast, each attention kernel, torch.compile (whole model and per block; per block also in
+  training mode with dropout, where ATen's RNG must reproduce eager's masks), fused AdamW, and sampling
+  from CUDA graphs (plain VolDiT, and TGCA with classifier-free guidance). ``ok`` is false where a path misses its tolerance.
 - ``graphs``: seconds per volume of a DDIM-50 denoising loop, eager and from CUDA graphs, for small and
   large models and batches.
 
@@ -33,8 +34,10 @@ from common import emit, header, timed  # noqa: E402
 
 from voldit.diffusion import NoiseSchedule, diffusion_loss, sample  # noqa: E402
 from voldit.diffusion.graphs import GraphedDenoiser  # noqa: E402
+from voldit.diffusion.samplers import classifier_free  # noqa: E402
 from voldit.models.attention import math_attention  # noqa: E402
 from voldit.models.dit import DIT_MODELS, DiT3D, compile_blocks  # noqa: E402
+from voldit.models.tgca import TGCA3D  # noqa: E402
 
 KERNELS = {
     "math": SDPBackend.MATH,
@@ -79,14 +82,19 @@ def attention_kernels(device, batch: int, heads: int, tokens: int, head_dim: int
     return rows
 
 
-def random_dit(name: str, input_size, device, attention: str = "sdpa") -> DiT3D:
-    torch.manual_seed(0)
-    model = DiT3D(**DIT_MODELS[name], input_size=input_size, attention=attention, dropout=0.0)
+def give_weight(module: torch.nn.Module) -> torch.nn.Module:
+    """Zero-initialised layers (AdaLN-Zero, TGCA's output conv and gate) get random weights."""
     with torch.no_grad():
-        for p in model.parameters():  # AdaLN-Zero starts at zero output: give every layer weight
+        for p in module.parameters():
             if p.abs().sum() == 0:
                 p.normal_(0, 0.02)
-    return model.to(device).eval()
+    return module
+
+
+def random_dit(name: str, input_size, device, attention: str = "sdpa", dropout: float = 0.0) -> DiT3D:
+    torch.manual_seed(0)
+    model = DiT3D(**DIT_MODELS[name], input_size=input_size, attention=attention, dropout=dropout)
+    return give_weight(model).to(device).eval()
 
 
 def equality(name: str, input_size, device) -> list[dict]:
@@ -125,6 +133,19 @@ def equality(name: str, input_size, device) -> list[dict]:
         blocks = compile_blocks(random_dit(name, input_size, device))
         check("torch.compile (blocks) vs eager", rel_error(blocks(x, t), want), 1e-4, "float32, no TF32")
 
+        # Training mode, the reference's dropout 0.1: blocks compiled with ATen's RNG draw eager's masks.
+        dropped = random_dit(name, input_size, device, dropout=0.1).train()
+        torch.manual_seed(3)
+        want_train = dropped(x, t)
+        dropped = compile_blocks(dropped, eager_rng=True)
+        torch.manual_seed(3)
+        check(
+            "torch.compile (blocks, ATen RNG) vs eager, dropout 0.1",
+            rel_error(dropped(x, t), want_train),
+            1e-4,
+            "training mode, same seed, float32",
+        )
+
     # Fused AdamW against the for-each implementation: five steps on identical gradients.
     plain, fused = random_dit(name, input_size, device).train(), random_dit(name, input_size, device).train()
     opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-3, foreach=True)
@@ -138,7 +159,8 @@ def equality(name: str, input_size, device) -> list[dict]:
         opt_plain.step(), opt_fused.step()
         opt_plain.zero_grad(), opt_fused.zero_grad()
     worst = max(
-        float((a - b).abs().max()) for a, b in zip(plain.parameters(), fused.parameters(), strict=True)
+        float((a - b).detach().abs().max())
+        for a, b in zip(plain.parameters(), fused.parameters(), strict=True)
     )
     check("fused AdamW vs for-each AdamW", worst, 1e-6, "max |param diff| after 5 steps, lr 1e-3")
 
@@ -151,7 +173,35 @@ def equality(name: str, input_size, device) -> list[dict]:
                 GraphedDenoiser(model), schedule, (2, 8, *input_size), gens, "ddim", 10, device=device
             )
         check("CUDA graphs vs eager sampling (DDIM-10)", rel_error(graphed, eager), 1e-5, "bf16 autocast")
+        check(
+            "CUDA graphs vs eager, TGCA + guidance 4.0 (DDIM-10)",
+            tgca_graph_error(model, schedule, input_size, device),
+            1e-5,
+            "bf16 autocast, null condition shared",
+        )
     return rows
+
+
+def tgca_graph_error(model: DiT3D, schedule, input_size, device) -> float:
+    """Guided TGCA sampling as the Synthesizer runs it (features once per volume, the null condition's
+    features a constant of the graph), eager against CUDA graphs."""
+    tgca = give_weight(TGCA3D(model, condition_channels=2)).to(device).eval()
+    g = torch.Generator(device).manual_seed(2)
+    condition = (torch.rand(2, 2, *(2 * s for s in input_size), generator=g, device=device) > 0.7).float()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        features = tgca.condition_features(condition)
+        null = tgca.condition_features(torch.zeros_like(condition[:1]))
+
+        def denoise(x, t, features):
+            return tgca(x, t, features=features)
+
+        guided = classifier_free(denoise, 4.0, unconditional={"features": null})
+        out = []
+        for net in (guided, GraphedDenoiser(guided)):
+            gens = [torch.Generator().manual_seed(k) for k in range(2)]
+            shape = (2, 8, *input_size)
+            out.append(sample(net, schedule, shape, gens, "ddim", 10, device=device, features=features))
+    return rel_error(out[1], out[0])
 
 
 def graph_timing(models: list[str], batches: list[int], input_size, device, steps: int = 50) -> list[dict]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, randomize
 from voldit.builders import build_dit, count_parameters
 from voldit.config import load_config
 from voldit.models.dit import DIT_MODELS, DiT3D, sincos_3d
@@ -95,3 +95,33 @@ def test_block_compilation_matches_eager_and_keeps_parameter_names(tiny_dit):
         want = tiny_dit(x, t)
         assert want.abs().mean() > 1e-3
         torch.testing.assert_close(compiled(x, t), want, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_blocks_drop_what_eager_blocks_drop():
+    """In training mode (the reference's dropout 0.1) blocks compiled with ATen's RNG reproduce the eager
+    model from the same seed, forward and gradients; Inductor's own RNG draws other masks."""
+    import copy
+
+    from voldit.models.dit import compile_blocks
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 4, 4, 4, generator=g), torch.tensor([3, 250])
+    model = DiT3D(input_size=(4, 4, 4), patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4)
+    model = randomize(model).train()
+
+    def run(model):
+        torch.manual_seed(7)
+        model.zero_grad(set_to_none=True)
+        out = model(x, t)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    want, want_grads = run(model)
+    torch.manual_seed(8)
+    assert not torch.allclose(model(x, t), want)  # dropout is on: another seed, another output
+    got, got_grads = run(compile_blocks(copy.deepcopy(model), eager_rng=True))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for a, b in zip(got_grads, want_grads, strict=True):  # another mask would differ by far more
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    other, _ = run(compile_blocks(copy.deepcopy(model), eager_rng=False))
+    assert not torch.allclose(other, want)
