@@ -2,7 +2,7 @@
 
 Baseline (the reference's sample_tgca.py procedure): one mask at a time, DDPM-300, autocast in the
 device's default dtype (fp16 on GPU, bf16 on CPU), plain attention math, the condition encoder run at
-every step, whole-volume decode. Ours: the `Synthesizer` that `voldit synthesize` runs in each Ray
+every step, whole-volume decode, the volume saved with nibabel (zlib's gzip). Ours: the `Synthesizer` that `voldit synthesize` runs in each Ray
 actor (several masks per pass, condition features once per volume, SDPA, bf16 on GPU), with DDPM-300
 and DDIM-50, previews included. `--ray` also times the whole `voldit synthesize` job (actor start-up
 included). Models have random weights: throughput does not depend on what they learned.
@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -116,9 +117,9 @@ def baseline(tgca_path: Path, vq_path: Path, mask_paths, out: Path, steps: int, 
                 condition=condition,
             )
             image = vq.decode_stage_2_outputs(z).float().clamp(-1, 1)[0, 0].cpu()
-        write_volume(
-            out / f"base_{k:03d}.nii.gz", unit_to_hu_int16(prepared.restore(image)), prepared.source_affine
-        )
+        hu = unit_to_hu_int16(prepared.restore(image))
+        out.mkdir(parents=True, exist_ok=True)  # written as the reference writes: nibabel, zlib's gzip
+        nib.save(nib.Nifti1Image(hu, prepared.source_affine), out / f"base_{k:03d}.nii.gz")
     sync(device)
     return time.perf_counter() - start
 

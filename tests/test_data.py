@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from voldit.data.manifest import ManifestError, read_manifest
-from voldit.data.nifti import VolumeError, check_same_grid, decode_volume, read_volume, write_volume
+from voldit.data.nifti import (
+    VolumeError,
+    as_labels,
+    check_same_grid,
+    decode_volume,
+    label_values,
+    read_volume,
+    write_volume,
+)
 from voldit.data.preprocess import prepare
 
 
@@ -103,6 +111,36 @@ def test_write_is_atomic_and_round_trips(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
     with pytest.raises(VolumeError, match="cannot be read"):
         read_volume(tmp_path / "missing.nii.gz")
+
+
+def test_gzip_volumes_are_standard_and_reproducible(tmp_path):
+    """Written through ISA-L, a .nii.gz is plain gzip that nibabel and Python's gzip read back, with no
+    timestamp: the same volume gives the same bytes."""
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1024, 3000, (40, 30, 20), dtype=np.int16)
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    first = write_volume(tmp_path / "a.nii.gz", hu, affine)
+    again = write_volume(tmp_path / "b.nii.gz", hu, affine)
+    assert first.read_bytes() == again.read_bytes()
+    image = nib.load(first)
+    assert np.array_equal(np.asarray(image.dataobj), hu) and np.allclose(image.affine, affine)
+    assert image.header.get_xyzt_units()[0] == "mm"
+    plain = write_volume(tmp_path / "a.nii", hu, affine)
+    assert gzip.decompress(first.read_bytes()) == plain.read_bytes()
+
+
+def test_label_maps_are_recognised_in_any_stored_type():
+    labels = np.zeros((20, 10, 6), np.uint8, order="F")
+    labels[2:5, 1:3, :] = 7
+    labels[9, 9, 5] = 2
+    assert as_labels(labels) is labels
+    assert label_values(labels).tolist() == [0, 2, 7]
+    assert label_values(as_labels(labels.astype(np.float32))).tolist() == [0, 2, 7]
+    assert as_labels(labels + np.float32(0.5)) is None  # not a label map
+    assert as_labels(np.full((2, 2, 2), 3e9, np.float64)) is None  # beyond int32
+    signed = labels.astype(np.int16) - 3
+    assert label_values(signed).tolist() == [-3, -1, 4]  # negative values: sorted, not counted
+    assert label_values(np.array([[[0, 70000]]], np.int32)).tolist() == [0, 70000]
 
 
 def test_manifest_validation_reports_rows(tmp_path, examples):

@@ -222,8 +222,14 @@ def test_bad_rows_are_recorded_and_the_rest_complete(tiny_tgca_run, crops, examp
     nib.save(nib.Nifti1Image(np.zeros((64, 64, 32), np.uint8), np.eye(4)), bad / "empty.nii.gz")
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 3), np.uint8), np.eye(4)), bad / "4d.nii.gz")
     (bad / "corrupt.nii.gz").write_bytes(b"\x1f\x8b" + os.urandom(500))
+    image = nib.load(good)
+    labels = np.asarray(image.dataobj, dtype=np.float32)  # the same labels, stored as floats: usable
+    nib.save(nib.Nifti1Image(labels, image.affine), bad / "float.nii.gz")
+    nib.save(nib.Nifti1Image(labels + 0.5 * (labels > 0), image.affine), bad / "fraction.nii.gz")
     rows = [
         ("good", good),
+        ("float", bad / "float.nii.gz"),
+        ("fraction", bad / "fraction.nii.gz"),
         ("missing", bad / "nope.nii.gz"),
         ("corrupt", bad / "corrupt.nii.gz"),
         ("empty", bad / "empty.nii.gz"),
@@ -244,11 +250,13 @@ def test_bad_rows_are_recorded_and_the_rest_complete(tiny_tgca_run, crops, examp
         timeout=600,
     )
     assert result.returncode == 1, result.stderr
-    assert "5 row(s) failed" in result.stderr
+    assert "6 row(s) failed" in result.stderr
     manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False).set_index("id")
     status = manifest["status"].to_dict()
     assert status == {
         "good": "ok",
+        "float": "ok",
+        "fraction": "failed",
         "missing": "failed",
         "corrupt": "failed",
         "empty": "failed",
@@ -261,6 +269,7 @@ def test_bad_rows_are_recorded_and_the_rest_complete(tiny_tgca_run, crops, examp
     assert "cannot be read" in errors["missing"]
     assert "not a readable NIfTI" in errors["corrupt"]
     assert "empty" in errors["empty"]
+    assert "not a label map" in errors["fraction"]
     assert "expected a 3D volume" in errors["fourd"]
     assert "never in the training masks" in errors["unseen"]
     # Nothing was written outside the output folder; the traversal id landed inside it.

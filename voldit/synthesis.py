@@ -35,7 +35,14 @@ import torch
 from voldit import storage
 from voldit.data.intensity import unit_to_hu_int16
 from voldit.data.manifest import read_manifest
-from voldit.data.nifti import VolumeError, check_same_grid, read_volume, write_volume
+from voldit.data.nifti import (
+    VolumeError,
+    as_labels,
+    check_same_grid,
+    label_values,
+    read_volume,
+    write_volume,
+)
 from voldit.data.preprocess import PreparedCondition, prepare_condition
 from voldit.previews import preview, save_png
 from voldit.sampling import Pipeline, SamplingSettings, seed_for
@@ -209,14 +216,16 @@ class Synthesizer:
         masks = {}
         for key in self.pipeline.condition_keys:
             path = row[key]
-            mask = read_volume(path, dtype=np.float32)
-            if not mask.array.any():
-                raise VolumeError(f"{key} {path}: the mask is empty (no labelled voxel)")
-            values = np.unique(mask.array)
-            if not np.array_equal(values, np.round(values)):
+            mask = read_volume(path, dtype=None)  # as stored: label maps are small integers, counted fast
+            labels = as_labels(mask.array)
+            if labels is None:
                 raise VolumeError(f"{key} {path}: not a label map (non-integer values)")
+            mask.array = labels
+            values = label_values(labels)
+            if not values.any():
+                raise VolumeError(f"{key} {path}: the mask is empty (no labelled voxel)")
             trained = self.pipeline.condition_labels.get(key)
-            unseen = sorted(set(values.astype(int).tolist()) - set(trained or []))
+            unseen = sorted(set(values.tolist()) - set(trained or []))
             if trained is not None and unseen and not self.allow_unseen_labels:
                 raise VolumeError(
                     f"{key} {path}: label value(s) {unseen[:10]} were never in the training masks "
@@ -234,7 +243,7 @@ class Synthesizer:
                 f"{'x'.join(map(str, self.pipeline.roi_size))} voxels of the mask)"
             )
         first = next(iter(masks.values()))
-        return prepared, first.array
+        return prepared, first.array  # integer labels, for the preview's outlines
 
     def _try_masks(self, row: dict) -> tuple[dict, tuple | None, str]:
         try:
@@ -326,8 +335,7 @@ class Synthesizer:
         volume = self.layout.publish(volume, keep=False)  # remote: the staging copy is not kept
         shown = ""
         if self.previews:
-            labels = np.rint(mask).astype(np.int32)
-            picture = preview(hu, prepared.source_affine, labels, title=row["name"])
+            picture = preview(hu, prepared.source_affine, mask, title=row["name"])
             shown = self.layout.publish(save_png(picture, self.layout.preview(row["name"])))
         record = self._record(
             row,
