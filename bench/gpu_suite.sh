@@ -10,10 +10,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # Fast paths against their plain counterparts (tolerances), SDPA kernels, CUDA graphs of the sampling loop.
 python3 bench/fastpaths.py --out "$out/fastpaths.json"
 # Training step: the reference procedure beside the fast paths, at the seed's batch and at larger ones.
-python3 bench/train_step.py --models VolDiT-L/4 --batch 2 --modes baseline bf16_sdpa bf16_cudnn_compile_blocks \
+python3 bench/train_step.py --models VolDiT-L/4 --batch 2 --modes baseline bf16_sdpa bf16_cudnn_compile_blocks_aten_rng \
   --out "$out/train_l4_b2.json"
-python3 bench/train_step.py --models VolDiT-L/4 --batch 8 32 \
-  --modes bf16_flash bf16_cudnn bf16_sdpa_compile_blocks bf16_cudnn_compile_blocks bf16_cudnn_compile_blocks_aten_rng \
+# The largest batch that fits: 32 in the H200's 141 GB, 24 in an H100's 80 GB.
+big=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | awk '{print ($1 > 100000) ? 32 : 24}')
+python3 bench/train_step.py --models VolDiT-L/4 --batch 8 "$big" \
+  --modes bf16_cudnn bf16_cudnn_compile_blocks bf16_cudnn_compile_blocks_aten_rng bf16_cudnn_compile_blocks_nodrop \
   --profile "$out/profile.txt" --out "$out/train_l4.json"
 python3 bench/train_step.py --models VolDiT-B/4 VolDiT-S/4 VolDiT-XS/4 --modes baseline bf16_sdpa \
   --out "$out/train_p4.json"
