@@ -13,6 +13,7 @@ from voldit.data.nifti import (
     decode_volume,
     label_values,
     read_volume,
+    relayout,
     write_volume,
 )
 from voldit.data.preprocess import prepare
@@ -188,3 +189,17 @@ def test_volumes_and_manifests_read_through_fsspec_urls(examples, tmp_path):
     assert "row 1" not in str(error.value)
     with pytest.raises(VolumeError, match="cannot be read"):
         read_volume("memory://bucket/missing.nii.gz")
+
+
+def test_volumes_are_read_in_c_order_and_written_in_niftis_order(tmp_path):
+    """Reading gives C-ordered arrays (what torch and MONAI run fast on), writing accepts any layout,
+    and neither changes a voxel: the blocked copy covers volumes whose sides are not block multiples."""
+    rng = np.random.default_rng(1)
+    volume = rng.integers(-1000, 2000, (70, 33, 45), dtype=np.int16)
+    flipped = volume[:, ::-1, :]  # neither C- nor Fortran-contiguous
+    for layout, want in ((volume, volume), (np.asfortranarray(volume), volume), (flipped, flipped)):
+        back = read_volume(write_volume(tmp_path / "v.nii.gz", layout, np.eye(4)), dtype=None)
+        assert back.array.flags.c_contiguous and np.array_equal(back.array, want)
+    fortran = relayout(volume, "F")
+    assert fortran.flags.f_contiguous and np.array_equal(fortran, volume)
+    assert relayout(fortran, "F") is fortran and relayout(volume, "C") is volume

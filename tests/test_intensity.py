@@ -31,5 +31,7 @@ def test_tensor_and_array_inputs_round_alike():
     """Tensors are converted with torch (all cores), arrays with numpy: the voxels must be identical,
     halves included (both round half to even)."""
     x = torch.cat([torch.rand(100_000) * 2.2 - 1.1, torch.tensor([0.0025, -0.0025, 0.0015, 0.0005])])
+    before = x.clone()
     assert np.array_equal(unit_to_hu_int16(x), unit_to_hu_int16(x.numpy()))
     assert unit_to_hu_int16(x).dtype == np.int16
+    assert torch.equal(x, before)  # the conversion works in place on its own copy, never the caller's

@@ -22,11 +22,17 @@ def hu_to_unit(hu: Array) -> Array:
 
 def unit_to_hu(x: Array) -> Array:
     """Inverse of ``hu_to_unit`` on [-1, 1]; values outside are clipped first, so the result stays in range."""
+    # The clipped copy is the only new array: the same arithmetic then runs in place (a 512x512x256
+    # volume is 0.5 GB of float32, and each temporary costs as much as the arithmetic).
     if isinstance(x, torch.Tensor):
         x = x.float().clamp(-1.0, 1.0)
-    else:
-        x = np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0)
-    return (x + 1.0) / 2.0 * (HU_MAX - HU_MIN) + HU_MIN
+        return x.add_(1.0).div_(2.0).mul_(HU_MAX - HU_MIN).add_(HU_MIN)
+    x = np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0)
+    x += 1.0
+    x /= 2.0
+    x *= HU_MAX - HU_MIN
+    x += HU_MIN
+    return x
 
 
 def unit_to_hu_int16(x: Array) -> np.ndarray:

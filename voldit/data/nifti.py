@@ -14,6 +14,7 @@ from isal import igzip  # gzip with Intel's ISA-L: ~10x faster than zlib at leve
 from voldit import storage
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_BLOCK = 32  # voxels per block edge in `relayout`
 
 
 class VolumeError(ValueError):
@@ -50,9 +51,25 @@ def decode_volume(data: bytes, name: str = "<bytes>", dtype=np.float32) -> Volum
         array = array[..., 0]
     if array.ndim != 3:
         raise VolumeError(f"{name}: expected a 3D volume, got shape {tuple(array.shape)}")
+    array = relayout(array, "C")  # NIfTI stores Fortran order; torch and MONAI run far faster on C order
     if array.dtype.kind in "fc" and not np.isfinite(array).all():
         raise VolumeError(f"{name}: contains NaN or infinite voxels")
     return Volume(array=array, affine=np.asarray(image.affine, dtype=np.float64))
+
+
+def relayout(array: np.ndarray, order: str) -> np.ndarray:
+    """``array`` laid out in C or Fortran (``"F"``) memory order: the same shape and values, copied
+    only when needed. A 3D volume is copied in blocks that fit the cache: numpy's own transposing copy
+    strides through memory and takes 4-5x longer at 512x512x256."""
+    if array.flags.c_contiguous if order == "C" else array.flags.f_contiguous:
+        return array
+    if array.ndim != 3:
+        return np.asarray(array, order=order)
+    out = np.empty(array.shape, array.dtype, order=order)
+    for i in range(0, array.shape[0], _BLOCK):
+        for k in range(0, array.shape[2], _BLOCK):
+            out[i : i + _BLOCK, :, k : k + _BLOCK] = array[i : i + _BLOCK, :, k : k + _BLOCK]
+    return out
 
 
 def read_bytes(path: str | Path) -> bytes:
@@ -74,7 +91,7 @@ def write_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Pat
     ``.gz`` name is gzip-compressed at level 1 (nibabel's default level), without a timestamp."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    image = nib.Nifti1Image(relayout(np.asarray(array), "F"), np.asarray(affine, dtype=np.float64))
     image.header.set_xyzt_units("mm")
     data = image.to_bytes()  # the single-file .nii layout: header, then voxels
     if path.name.endswith(".gz"):
@@ -96,7 +113,7 @@ def label_values(labels: np.ndarray) -> np.ndarray:
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or high >= 1 << 16:
         return np.unique(labels)
-    flat, counts = labels.ravel(order="K"), np.zeros(high + 1, np.int64)  # K: no transposing copy
+    flat, counts = labels.ravel(order="K"), np.zeros(high + 1, np.int64)  # K: never a transposing copy
     for start in range(0, flat.size, 1 << 22):  # bincount widens to int64: a chunk at a time stays small
         counts += np.bincount(flat[start : start + (1 << 22)], minlength=high + 1)
     return np.flatnonzero(counts)
