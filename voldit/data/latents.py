@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from voldit import storage
+from voldit.data.nifti import label_values
 
 INFO_FILE = "dataset.json"
 PART_GLOB = "part-*.parquet"
@@ -77,7 +78,8 @@ def write_part(folder: str | Path, rows: list[dict], condition_keys: Sequence[st
     for key in condition_keys:
         columns[key] = _tensor_column([r[key] for r in rows], np.int16)
         columns[f"{key}_path"] = pa.array([r[f"{key}_path"] for r in rows], pa.string())
-        labels[key] = sorted({int(v) for r in rows for v in np.unique(r[key])})
+        stored = (np.asarray(r[key], dtype=np.int16) for r in rows)  # as the column stores them
+        labels[key] = sorted({int(v) for mask in stored for v in label_values(mask)})
     stats = {
         "count": int(latents.size),
         "sum": float(latents.sum(dtype=np.float64)),
