@@ -9,7 +9,8 @@ Three parts, each printed as a table and written into one JSON document:
   weights (AdaLN-Zero's zero layers included, so every block does work), with the tolerance it must meet:
   bf16 autocast, each attention kernel, torch.compile (whole model and per block; per block also in
   training mode with dropout, where ATen's RNG must reproduce eager's masks), fused AdamW, and sampling
-  from CUDA graphs (plain VolDiT, and TGCA with classifier-free guidance). ``ok`` is false where a path misses its tolerance.
+  from CUDA graphs (plain VolDiT, and TGCA with classifier-free guidance); and that the DDPM loop never
+  makes the host wait for the device. ``ok`` is false where a path misses its tolerance.
 - ``graphs``: seconds per volume of a DDIM-50 denoising loop, eager and from CUDA graphs, for small and
   large models and batches.
 
@@ -179,7 +180,26 @@ def equality(name: str, input_size, device) -> list[dict]:
             1e-5,
             "bf16 autocast, null condition shared",
         )
+        synced, note = host_syncs_in_sampling(model, schedule, input_size, device)
+        check("host waits for the device in DDPM sampling", synced, 0.0, note)
     return rows
+
+
+def host_syncs_in_sampling(model: DiT3D, schedule, input_size, device) -> tuple[float, str]:
+    """1.0 (and the first synchronising call) if a DDPM loop with CPU generators makes the host wait for
+    the device at any step, else 0.0: the host should draw the next step's noise while the device
+    denoises. The first run copies the schedule's table to the device (a one-off wait)."""
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for strict in (False, True):
+            gens = [torch.Generator().manual_seed(k) for k in range(2)]
+            torch.cuda.set_sync_debug_mode("error" if strict else "default")
+            try:
+                sample(model, schedule, (2, 8, *input_size), gens, "ddpm", 4, device=device)
+            except RuntimeError as error:
+                return 1.0, str(error).splitlines()[0][:80]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    return 0.0, "none"
 
 
 def tgca_graph_error(model: DiT3D, schedule, input_size, device) -> float:

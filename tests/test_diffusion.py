@@ -142,3 +142,18 @@ def test_invalid_sampler_arguments(tiny_dit):
         sample(tiny_dit, s, (1, 4, 4, 4, 4), torch.Generator(), "ddim", steps=301)
     with pytest.raises(ValueError, match="schedule must be"):
         NoiseSchedule(300, "quadratic")
+
+
+def test_schedule_table_is_copied_to_each_device_once():
+    """A per-call copy of the table to the GPU would make the host wait for the GPU at every step."""
+    schedule = NoiseSchedule(300, "cosine", "v_prediction")
+    like = torch.empty(2, 8, 4, 4, 4, device="meta")
+    t = torch.tensor([3, 7], device="meta")
+    abar = schedule.abar(t, like)
+    assert abar.device.type == "meta" and abar.shape == (2, 1, 1, 1, 1) and abar.dtype == like.dtype
+    table = schedule._tables[like.device]
+    schedule.split_prediction(like, like, t), schedule.add_noise(like, like, t)
+    assert schedule._tables[like.device] is table and set(schedule._tables) == {like.device}
+    cpu = torch.zeros(2, 3)
+    want = schedule.alphas_cumprod[torch.tensor([3, 7])].float().view(2, 1)
+    assert torch.equal(schedule.abar(torch.tensor([3, 7]), cpu), want)

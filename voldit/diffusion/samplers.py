@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from voldit.diffusion.schedule import NoiseSchedule, _per_sample
+from voldit.diffusion.schedule import NoiseSchedule
 
 Denoise = Callable[..., torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator]
@@ -27,6 +27,10 @@ def randn(shape: Sequence[int], generator: Generators, device: torch.device | st
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
         noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator])
+    if noise.device.type == "cpu" and torch.device(device).type == "cuda":
+        # From pinned memory the copy is queued behind the device's work instead of waiting for it, so
+        # the host draws the next step's noise while the device still denoises.
+        noise = noise.pin_memory().to(device, non_blocking=True)
     return noise.to(device=device, dtype=dtype)
 
 
@@ -85,9 +89,9 @@ def sample(
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         out = denoise(x, t_batch, **cond).to(dtype)
         x0, eps = schedule.split_prediction(out, x, t_batch)
-        abar_t = _per_sample(schedule.alphas_cumprod, t_batch, x)
+        abar_t = schedule.abar(t_batch, x)
         abar_prev = (
-            _per_sample(schedule.alphas_cumprod, t_batch.new_full((shape[0],), t_prev), x)
+            schedule.abar(t_batch.new_full((shape[0],), t_prev), x)
             if t_prev >= 0
             else torch.ones_like(abar_t)
         )

@@ -58,15 +58,27 @@ class NoiseSchedule:
         self.prediction_type = prediction_type
         self.betas = _BETAS[schedule](num_train_timesteps)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """abar_t per sample, shaped and typed to broadcast against ``like``.
+
+        The table is copied to each device once: copying it at every call would make the host wait for
+        the device (a pageable host-to-device copy synchronises) at every sampling step.
+        """
+        table = self._tables.get(like.device)
+        if table is None:
+            table = self._tables[like.device] = self.alphas_cumprod.to(like.device)
+        return _per_sample(table, t, like)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-        abar = _per_sample(self.alphas_cumprod, t, x0)
+        abar = self.abar(t, x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0."""
-        abar = _per_sample(self.alphas_cumprod, t, x0)
+        abar = self.abar(t, x0)
         return abar.sqrt() * noise - (1 - abar).sqrt() * x0
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -79,7 +91,7 @@ class NoiseSchedule:
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_0, eps) implied by the network's output at x_t."""
-        abar = _per_sample(self.alphas_cumprod, t, x_t)
+        abar = self.abar(t, x_t)
         a, s = abar.sqrt(), (1 - abar).sqrt()
         if self.prediction_type == "v_prediction":
             return a * x_t - s * model_output, s * x_t + a * model_output
