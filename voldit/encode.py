@@ -18,6 +18,7 @@ from voldit.checkpoint import load_checkpoint
 from voldit.data.latents import write_part
 from voldit.data.nifti import VolumeError, check_same_grid, read_volume
 from voldit.data.preprocess import prepare
+from voldit.data.workers import io_workers
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Encoder:
         self.roi_size = list(roi_size or ckpt.config.training.roi_size)
         self.output = str(output)
         self.condition_keys = list(condition_keys)
+        self._workers = io_workers()  # a batch's rows read and prepared in parallel
 
     def _load(self, row: dict) -> dict:
         image = read_volume(row["image"])
@@ -66,17 +68,23 @@ class Encoder:
             out[f"{key}_path"] = row[key]
         return out
 
+    def _try_load(self, row: dict) -> tuple[dict, dict | None, str]:
+        try:
+            return row, self._load(row), ""
+        except VolumeError as error:
+            return row, None, str(error)
+
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         start = time.perf_counter()
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         status = {r["id"]: "" for r in rows}
         loaded = []
-        for row in rows:
-            try:
-                loaded.append(self._load(row))
-            except VolumeError as error:
-                status[row["id"]] = str(error)
+        for row, out, error in self._workers.map(self._try_load, rows):
+            if error:
+                status[row["id"]] = error
+            else:
+                loaded.append(out)
         if loaded:
             images = torch.stack([r.pop("tensor") for r in loaded]).to(self.device)  # (B, 1, X, Y, Z)
             latents = self.model.encode_stage_2_inputs(images).float().cpu().numpy()

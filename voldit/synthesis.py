@@ -20,10 +20,8 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +42,7 @@ from voldit.data.nifti import (
     write_volume,
 )
 from voldit.data.preprocess import PreparedCondition, prepare_condition
+from voldit.data.workers import io_workers
 from voldit.previews import preview, save_png
 from voldit.sampling import Pipeline, SamplingSettings, seed_for
 
@@ -202,15 +201,7 @@ class Synthesizer:
         self.layout = Layout(Path(output), remote)
         self.allow_unseen_labels = allow_unseen_labels
         self.previews = previews
-        # Reading masks and writing compressed 512x512x256 volumes take seconds of CPU each: several
-        # run at once, and beside the GPU. Each worker runs torch single-threaded: worker threads with
-        # their own OpenMP teams slowed the sampling thread's CPU kernels twofold.
-        self._workers = ThreadPoolExecutor(
-            max(1, min(8, os.cpu_count() or 1)),
-            thread_name_prefix="voldit-io",
-            initializer=torch.set_num_threads,
-            initargs=(1,),
-        )
+        self._workers = io_workers()  # masks read and volumes written beside the GPU
 
     def _masks(self, row: dict) -> tuple[PreparedCondition, np.ndarray]:
         masks = {}
