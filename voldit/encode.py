@@ -16,9 +16,9 @@ import torch
 from voldit.builders import model_from_checkpoint
 from voldit.checkpoint import load_checkpoint
 from voldit.data.latents import write_part
-from voldit.data.nifti import VolumeError, check_same_grid, read_volume
+from voldit.data.nifti import check_same_grid, read_volume
 from voldit.data.preprocess import prepare
-from voldit.data.workers import io_workers
+from voldit.data.workers import io_workers, load_rows
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +68,13 @@ class Encoder:
             out[f"{key}_path"] = row[key]
         return out
 
-    def _try_load(self, row: dict) -> tuple[dict, dict | None, str]:
-        try:
-            return row, self._load(row), ""
-        except VolumeError as error:
-            return row, None, str(error)
-
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         start = time.perf_counter()
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         status = {r["id"]: "" for r in rows}
         loaded = []
-        for row, out, error in self._workers.map(self._try_load, rows):
+        for row, out, error in load_rows(self._workers, self._load, rows):
             if error:
                 status[row["id"]] = error
             else:

@@ -42,7 +42,7 @@ from voldit.data.nifti import (
     write_volume,
 )
 from voldit.data.preprocess import PreparedCondition, prepare_condition
-from voldit.data.workers import io_workers
+from voldit.data.workers import io_workers, load_rows
 from voldit.previews import preview, save_png
 from voldit.sampling import Pipeline, SamplingSettings, seed_for
 
@@ -236,12 +236,6 @@ class Synthesizer:
         first = next(iter(masks.values()))
         return prepared, first.array  # integer labels, for the preview's outlines
 
-    def _try_masks(self, row: dict) -> tuple[dict, tuple | None, str]:
-        try:
-            return row, self._masks(row), ""
-        except VolumeError as error:
-            return row, None, str(error)
-
     def _record(self, row: dict, **fields) -> dict:
         p = self.pipeline
         record = {
@@ -270,7 +264,7 @@ class Synthesizer:
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         results = {r["id"]: "" for r in rows}
         ready = []
-        for row, prepared, error in self._workers.map(self._try_masks, rows):  # read in parallel
+        for row, prepared, error in load_rows(self._workers, self._masks, rows):  # read in parallel
             if error:
                 results[row["id"]] = error
             else:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from voldit.data.nifti import VolumeError
 
 
 def io_workers() -> ThreadPoolExecutor:
@@ -20,3 +23,18 @@ def io_workers() -> ThreadPoolExecutor:
         initializer=torch.set_num_threads,
         initargs=(1,),
     )
+
+
+def load_rows(
+    workers: ThreadPoolExecutor, load: Callable[[dict], object], rows: list[dict]
+) -> Iterator[tuple]:
+    """``load(row)`` for every row on the pool, in row order: ``(row, result, "")``, or ``(row, None,
+    reason)`` for a row whose files are unusable (a VolumeError), so one bad row fails only itself."""
+
+    def attempt(row: dict) -> tuple:
+        try:
+            return row, load(row), ""
+        except VolumeError as error:
+            return row, None, str(error)
+
+    return workers.map(attempt, rows)
