@@ -145,6 +145,9 @@ class Training:
     mixed_precision: str = "bf16"  # bf16 | fp16 | no; only used on GPU
     compile: bool = False  # torch.compile each transformer block (H200, L/4 batch 8: +22% samples/s)
     seed: int = 0
+    # Random rotation, flip and crop of training volumes (not seeded: Ray Data draws them per task);
+    # false trains on the centre crop, as validation reads, and a seeded run then repeats exactly on CPU.
+    augment: bool = True
     # Seed keys. condition_dropout duplicates tgca.params.condition_dropout_prob (it may only repeat it);
     # the caching keys belonged to MONAI datasets, which Ray Data streaming replaces.
     condition_dropout: float | None = None
