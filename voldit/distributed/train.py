@@ -360,10 +360,9 @@ def _datasets(cfg, stage, train_data, val_data, dit, vqgan, job: TrainJob) -> di
             job.vqgan_checkpoint = storage_lib.resolve(vqgan)
             job.scale_factor = _estimate_scale_factor(frames["train"], vqgan, roi)
             log.info("scale factor estimated from the first training volumes: %.4f", job.scale_factor)
+        augment = cfg.training.augment
         return {
-            split: volume_dataset(frame, roi, train=split == "train" and cfg.training.augment).select_columns(
-                ["image"]
-            )
+            split: volume_dataset(frame, roi, train=split == "train" and augment).select_columns(["image"])
             for split, frame in frames.items()
         }
     columns = ["latent", *(cfg.tgca.condition_keys if stage == "tgca" else [])]
