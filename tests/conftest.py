@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,21 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return module
+
+
+@pytest.fixture(autouse=True)
+def _deadline(request):
+    """``@pytest.mark.deadline(seconds)``: a test still running after ``seconds`` dumps every thread's stack
+    and ends the session, so a hang fails loudly instead of blocking the suite."""
+    marker = request.node.get_closest_marker("deadline")
+    if marker is None:
+        yield
+        return
+    faulthandler.dump_traceback_later(marker.args[0], exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture
