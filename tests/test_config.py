@@ -130,3 +130,31 @@ def test_missing_file_and_non_mapping(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+@pytest.mark.deadline(60)
+def test_seed_keys_voldit_does_not_read_are_refused_or_checked(tmp_path):
+    seed = load_config(
+        CONFIGS / "tiny" / "dit.yaml", _write(tmp_path, "seed.yaml", {"training": SEED_TGCA["training"]})
+    )
+    assert seed.training.num_workers == 4 and seed.training.use_precomputed_latents is True
+    with pytest.raises(
+        ConfigError, match=r"training\.num_workers is 8, but voldit does not read it.*--workers"
+    ):
+        load_config(CONFIGS / "tiny" / "dit.yaml", overrides=["training.num_workers=8"])
+
+    from voldit.distributed.train import train
+
+    def run(value, data, vqgan=None):
+        cfg = load_config(
+            CONFIGS / "tiny" / "dit.yaml", overrides=[f"training.use_precomputed_latents={value}"]
+        )
+        train(cfg, "dit", str(data), vqgan=vqgan, storage=str(tmp_path / "runs"), workers=0)
+
+    # Checked before any work: no Ray, no data read.
+    with pytest.raises(
+        ConfigError, match=r"use_precomputed_latents is true, but --train .*encodes images online"
+    ):
+        run("true", tmp_path / "images.csv", vqgan=str(tmp_path / "vqgan"))
+    with pytest.raises(ConfigError, match=r"use_precomputed_latents is false .*--vqgan <VQ-GAN checkpoint>"):
+        run("false", tmp_path / "latents")

@@ -19,6 +19,7 @@ from voldit.diffusion.schedule import PREDICTION_TYPES, SCHEDULES
 from voldit.models.attention import BACKENDS
 
 STAGES = ("vqgan", "dit", "tgca")
+SEED_NUM_WORKERS = 4  # training.num_workers in the authors' files: accepted so they load, never read
 
 
 class ConfigError(ValueError):
@@ -131,9 +132,10 @@ class Training:
     n_epochs: int = 1000
     eval_freq: int = 50  # epochs between validations
     batch_size: int = 2  # per worker
-    num_workers: int = 4  # data-loading workers per training worker
     roi_size: list[int] = field(default_factory=lambda: [512, 512, 256])  # image crop (X, Y, Z) in voxels
-    use_precomputed_latents: bool = True
+    # null: the data decides (a latent folder from `voldit encode`, or a CSV of images with --vqgan to
+    # encode online); true or false (seed key) makes `voldit train` insist on latents or on online encoding.
+    use_precomputed_latents: bool | None = None
     scale_factor: float | None = None  # null: taken from the latent dataset (1 / std of the latents)
     use_ema: bool = True
     ema_decay: float = 0.9999
@@ -149,7 +151,10 @@ class Training:
     # false trains on the centre crop, as validation reads, and a seeded run then repeats exactly on CPU.
     augment: bool = True
     # Seed keys. condition_dropout duplicates tgca.params.condition_dropout_prob (it may only repeat it);
-    # the caching keys belonged to MONAI datasets, which Ray Data streaming replaces.
+    # the caching keys belonged to MONAI datasets, which Ray Data streaming replaces. num_workers was the
+    # reference's DataLoader processes per GPU: Ray Data reads with the cluster's CPUs, and the number of
+    # training workers is `voldit train --workers`; only the seed files' value 4 is accepted, so they load.
+    num_workers: int | None = None
     condition_dropout: float | None = None
     spatial_dropout_prob: float = 0.0
     spatial_dropout_patch_size: int = 16
@@ -293,6 +298,14 @@ def validate(cfg: DictConfig, source: str = "config", check_roi: bool = True) ->
         _fail(source, "training.ema_decay", f"is {cfg.training.ema_decay}", "use a value in [0, 1)")
     if cfg.training.batch_size < 1:
         _fail(source, "training.batch_size", f"is {cfg.training.batch_size}", "use at least 1")
+    if cfg.training.num_workers not in (None, SEED_NUM_WORKERS):
+        _fail(
+            source,
+            "training.num_workers",
+            f"is {cfg.training.num_workers}, but voldit does not read it (Ray Data loads with the cluster's "
+            "CPUs)",
+            "remove the key; the number of training workers is `voldit train --workers N`",
+        )
 
 
 def _validate_dit(cfg: DictConfig, source: str) -> None:

@@ -273,6 +273,7 @@ def train(
         cfg = _tgca_config(cfg, base)
     if stage_of(cfg) != stage:
         raise ConfigError(f"the config describes the {stage_of(cfg)} stage, but --stage is {stage}")
+    _check_latent_source(cfg, stage, train_data, vqgan)
     # Locally, leave CPUs beyond the train workers for Ray Data's read tasks (without them, a 2-core
     # machine with 2 workers waits forever).
     ensure_ray(address, num_cpus=max(os.cpu_count() or 1, workers + 2))
@@ -339,6 +340,25 @@ def train(
     return TrainResult(
         run_dir=Path(job.run_dir), metrics=metrics, checkpoint=checkpoint, remote_run_dir=job.remote_run_dir
     )
+
+
+def _check_latent_source(cfg: DictConfig, stage: str, train_data: str, vqgan: str | None) -> None:
+    """training.use_precomputed_latents (a seed key), when set, must agree with what the inputs ask for:
+    latents from a folder, or images from a CSV encoded online by the --vqgan checkpoint."""
+    wanted = cfg.training.use_precomputed_latents
+    if wanted is None or stage == "vqgan":
+        return
+    online = bool(vqgan) and str(train_data).endswith(".csv")
+    if wanted and online:
+        raise ConfigError(
+            f"training.use_precomputed_latents is true, but --train {train_data} with --vqgan encodes images "
+            "online; give the latent folder from `voldit encode` as --train, or remove the key"
+        )
+    if not wanted and not online:
+        raise ConfigError(
+            f"training.use_precomputed_latents is false (encode online), but --train {train_data} is not a CSV "
+            "of images given with --vqgan; pass the image CSV and --vqgan <VQ-GAN checkpoint>, or remove the key"
+        )
 
 
 def _ordered():
