@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -71,6 +73,43 @@ def test_condition_dropout_zeroes_whole_samples(tiny_dit):
     per_sample = dropped.flatten(1)
     assert set(per_sample.sum(1).tolist()) == {0.0, 16.0}  # all of a sample, or none of it
     assert 400 < (per_sample.sum(1) == 0).sum() < 600
+
+
+@pytest.mark.deadline(120)
+@pytest.mark.parametrize(
+    ("p", "q", "channels", "rate"),
+    [
+        (0.1, 0.0, 1, 0.1),  # the default: whole conditions only, the rate is p
+        (0.1, 0.0, 3, 0.1),
+        (0.1, 0.19, 1, 0.271),  # the authors' trainer + model for one mask
+        (0.1, 0.1, 3, 0.1009),  # the authors' model alone, three channels
+        (0.3, 0.5, 2, 0.475),
+    ],
+)
+def test_unconditional_rate_is_the_documented_one(tiny_dit, p, q, channels, rate):
+    tgca = TGCA3D(tiny_dit, condition_channels=channels, condition_dropout_prob=p, channel_dropout_prob=q)
+    assert tgca.unconditional_rate == pytest.approx(rate)
+    n = 20_000
+    dropped = tgca.drop_condition(torch.ones(n, channels, 2, 2, 2), torch.Generator().manual_seed(0))
+    per_channel = dropped.flatten(2).sum(2)  # (n, channels): 8 where kept, 0 where zeroed
+    assert set(per_channel.unique().tolist()) <= {0.0, 8.0}  # a channel goes whole or not at all
+    unconditional = (per_channel.sum(1) == 0).double().mean().item()
+    assert unconditional == pytest.approx(rate, abs=5 * math.sqrt(rate * (1 - rate) / n))
+    partial = ((per_channel == 0).any(1) & (per_channel > 0).any(1)).double().mean().item()
+    expected_partial = (1 - p) * (1 - q**channels - (1 - q) ** channels)
+    assert partial == pytest.approx(expected_partial, abs=5 * math.sqrt(0.25 / n))
+
+
+def test_channel_dropout_comes_from_the_config():
+    cfg = load_config(
+        CONFIGS / "tiny" / "dit.yaml",
+        CONFIGS / "tiny" / "tgca.yaml",
+        overrides=["tgca.params.channel_dropout_prob=0.19"],
+    )
+    assert build_tgca(cfg).unconditional_rate == pytest.approx(0.271)
+    shipped = load_config(CONFIGS / "transformer" / "dit_ds8_xs4.yaml", CONFIGS / "tgca" / "tgca_ds8.yaml")
+    with torch.device("meta"):
+        assert build_tgca(shipped).unconditional_rate == pytest.approx(0.1)  # as its comment says
 
 
 def test_precomputed_features_equal_the_condition_path(tiny_dit):

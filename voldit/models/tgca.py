@@ -54,7 +54,9 @@ class TGCA3D(nn.Module):
     The base model is frozen (optionally but its last ``finetune_last_n_blocks`` blocks and final layer)
     and stays in eval mode whatever mode the wrapper is put in. Condition dropout, which makes
     classifier-free guidance possible, happens here and only here: in training mode each sample's whole
-    condition is zeroed with probability ``condition_dropout_prob``.
+    condition is zeroed with probability ``condition_dropout_prob`` (p); of the samples that keep it, each
+    channel is zeroed with probability ``channel_dropout_prob`` (q). A training sample is thus unconditional
+    with probability ``unconditional_rate`` = p + (1 - p) q^K for K condition channels.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class TGCA3D(nn.Module):
         inject_layers: int | None = None,
         finetune_last_n_blocks: int = 0,
         condition_dropout_prob: float = 0.1,
+        channel_dropout_prob: float = 0.0,
     ) -> None:
         super().__init__()
         depth = len(base_model.blocks)
@@ -73,11 +76,17 @@ class TGCA3D(nn.Module):
             )
         if not 0 <= finetune_last_n_blocks <= depth:
             raise ValueError(f"finetune_last_n_blocks must be between 0 and depth {depth}")
-        if not 0.0 <= condition_dropout_prob < 1.0:
-            raise ValueError(f"condition_dropout_prob must be in [0, 1), got {condition_dropout_prob}")
+        for name, value in (
+            ("condition_dropout_prob", condition_dropout_prob),
+            ("channel_dropout_prob", channel_dropout_prob),
+        ):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
         self.base_model = base_model
         self.inject_layers = list(range(depth - (inject_layers or depth), depth))
+        self.condition_channels = condition_channels
         self.condition_dropout_prob = condition_dropout_prob
+        self.channel_dropout_prob = channel_dropout_prob
         hidden = base_model.hidden_size
         self.condition_embedder = ConditionEncoder(condition_channels, hidden)
         self.time_gate = nn.Linear(hidden, 1)
@@ -116,9 +125,23 @@ class TGCA3D(nn.Module):
             features = F.interpolate(features, size=grid, mode="trilinear", align_corners=False)
         return features.flatten(2).transpose(1, 2)  # (B, T, hidden)
 
-    def drop_condition(self, condition: torch.Tensor) -> torch.Tensor:
-        keep = torch.rand(condition.shape[0], device=condition.device) >= self.condition_dropout_prob
-        return condition * keep.view(-1, *([1] * (condition.ndim - 1))).to(condition.dtype)
+    @property
+    def unconditional_rate(self) -> float:
+        """The probability that condition dropout leaves a training sample no condition at all."""
+        p, q = self.condition_dropout_prob, self.channel_dropout_prob
+        return p + (1 - p) * q**self.condition_channels
+
+    def drop_condition(
+        self, condition: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Training-time dropout of a condition (B, K, X, Y, Z): whole samples, then single channels."""
+        b, k = condition.shape[:2]
+        device = generator.device if generator is not None else condition.device
+        keep = torch.rand(b, 1, generator=generator, device=device) >= self.condition_dropout_prob  # (B, 1)
+        if self.channel_dropout_prob > 0:
+            keep = keep & (torch.rand(b, k, generator=generator, device=device) >= self.channel_dropout_prob)
+        keep = keep.to(condition.device, condition.dtype)  # (B, 1) or (B, K)
+        return condition * keep.view(b, keep.shape[1], *([1] * (condition.ndim - 2)))
 
     def forward(
         self,
@@ -132,7 +155,7 @@ class TGCA3D(nn.Module):
         if (condition is None) == (features is None):
             raise ValueError("pass exactly one of condition and features")
         if features is None:
-            if self.training and self.condition_dropout_prob > 0:
+            if self.training and (self.condition_dropout_prob > 0 or self.channel_dropout_prob > 0):
                 condition = self.drop_condition(condition)
             features = self.condition_features(condition)
         base = self.base_model
