@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import nibabel as nib
@@ -179,3 +180,92 @@ def test_bad_s3_settings_fail_before_any_work(s3, tmp_path):
     for result in (missing, wrong, nocreds):
         assert env["AWS_SECRET_ACCESS_KEY"] not in result.stderr + result.stdout
         assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def s3_here(s3, monkeypatch, tmp_path):
+    """The moto server's environment in this process, for in-process calls, with a cache of its own."""
+    import s3fs
+
+    for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        monkeypatch.setenv(key, s3["env"][key])
+    monkeypatch.setenv("VOLDIT_CACHE", str(tmp_path / "cache"))
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3["fs"]
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.mark.deadline(120)
+def test_keys_with_dot_dot_never_leave_the_cache(s3_here, tmp_path):
+    from voldit import storage
+
+    fs = s3_here
+    for folder, bad_key in (
+        ("dots", "../../../escaped.txt"),  # from the cached copy up to tmp_path
+        ("slashes", f"/{tmp_path}/absolute.txt"),  # "ckpt//tmp/..." would be an absolute path
+    ):
+        fs.pipe(f"{BUCKET}/{folder}/ckpt/meta.json", b"{}")
+        fs.pipe(f"{BUCKET}/{folder}/ckpt/{bad_key}", b"x")
+        with pytest.raises(storage.StorageError, match=r"'\.\.' part, which would be written outside"):
+            storage.localize_dir(f"s3://{BUCKET}/{folder}/ckpt")
+    assert not [p for p in tmp_path.rglob("*") if p.name in ("escaped.txt", "absolute.txt")]
+
+
+@pytest.mark.deadline(120)
+def test_concurrent_downloads_of_one_checkpoint_share_one_complete_copy(s3_here, monkeypatch):
+    from voldit import storage
+
+    fs = s3_here
+    files = {
+        "config.yaml": b"stage: dit\n",
+        "model.safetensors": os.urandom(300_000),
+        "nested/ema.safetensors": os.urandom(1_000),
+        "meta.json": b'{"step": 1}',
+    }
+    for name, data in files.items():
+        fs.pipe(f"{BUCKET}/race/ckpt/{name}", data)
+    url = f"s3://{BUCKET}/race/ckpt"
+
+    downloads = []
+
+    class Slow:  # every file takes a while, so the callers overlap for certain
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def get_file(self, *args, **kwargs):
+            downloads.append(args[0])
+            time.sleep(0.1)
+            return self.inner.get_file(*args, **kwargs)
+
+    real = storage.filesystem
+    monkeypatch.setattr(storage, "filesystem", lambda path: (Slow(real(path)[0]), real(path)[1]))
+    start, seen, errors = threading.Barrier(3), [], []
+
+    def caller():
+        try:
+            start.wait(timeout=30)
+            local = storage.localize_dir(url)
+            # What a caller finds the moment it gets the path: the whole checkpoint, nothing more.
+            seen.append(
+                {p.relative_to(local).as_posix(): p.read_bytes() for p in local.rglob("*") if p.is_file()}
+            )
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=caller) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors and seen == [files] * 3
+    assert len(downloads) == len(files)  # one caller downloaded, the others waited for its copy
+    (root,) = (storage.cache_root() / "remote").iterdir()
+    (copy,) = [p for p in root.iterdir() if p.is_dir()]  # no half-written folder beside it
+
+    fs.pipe(f"{BUCKET}/race/ckpt/meta.json", b'{"step": 2}')  # a newer checkpoint under the same URL
+    newer = storage.localize_dir(url)
+    assert (newer / "meta.json").read_bytes() == b'{"step": 2}'
+    assert [p for p in root.iterdir() if p.is_dir()] == [newer] and not copy.exists()  # the old copy went

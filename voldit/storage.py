@@ -10,6 +10,8 @@ once every other file is there.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -138,14 +140,24 @@ def put_dir(local: str | os.PathLike, dest: str) -> str:
 
 
 def get_dir(src: str, local: str | os.PathLike) -> Path:
-    """Download a remote directory to a local one (replacing it)."""
+    """Download a remote directory to a local one (replacing it). A key that would land outside ``local``
+    (an empty, ``.`` or ``..`` part) is refused before anything is written."""
     fs, inner = filesystem(src)
+    fs.invalidate_cache(inner)  # list what is there now, not what this process listed before
     local = Path(local)
+    prefix = inner.rstrip("/") + "/"
+    files = []
+    for path in fs.find(inner):
+        parts = path[len(prefix) :].split("/")
+        if not path.startswith(prefix) or any(part in ("", ".", "..") for part in parts):
+            raise StorageError(
+                f"{src}: the object {_url(fs, path)} has a key with an empty, '.' or '..' part, which would "
+                "be written outside the folder; nothing was downloaded. Remove or rename that object"
+            )
+        files.append((path, local.joinpath(*parts)))
     shutil.rmtree(local, ignore_errors=True)
     local.mkdir(parents=True)
-    prefix = inner.rstrip("/") + "/"
-    for path in fs.find(inner):
-        target = local / path[len(prefix) :]
+    for path, target in files:
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(path, str(target))
     return local
@@ -155,20 +167,80 @@ def cache_root() -> Path:
     return Path(os.environ.get("VOLDIT_CACHE", Path.home() / ".cache" / "voldit"))
 
 
-def localize_dir(path: str | os.PathLike) -> Path:
-    """A local copy of a directory: the path itself when local; for a URL, a cached download that is
-    refreshed when the remote MARKER changes."""
+def localize_dir(path: str | os.PathLike, attempts: int = 3) -> Path:
+    """A local copy of a directory: the path itself when local; for a URL, a cached download, made again
+    when the remote MARKER changes.
+
+    Safe with several processes (or threads) on one node: under a file lock, one of them downloads into a
+    hidden folder beside the cache and renames it into place when complete, so a cached copy is never half
+    written and the others use it once it is there. A copy of an older MARKER is deleted when a newer one
+    is in place (a process still reading the old copy then loses it: it was out of date).
+    """
     if not is_remote(path):
         return Path(path)
     url = str(path).rstrip("/")
-    local = cache_root() / "remote" / hashlib.sha256(url.encode()).hexdigest()[:16]
-    marker = join(url, MARKER)
-    if not exists(marker):
-        return local / "missing"  # a path that does not exist: the caller reports it
-    remote_marker = read_bytes(marker)
-    if not (local / MARKER).is_file() or (local / MARKER).read_bytes() != remote_marker:
-        get_dir(url, local)
+    root = cache_root() / "remote" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    remote_marker = _read_now(join(url, MARKER))
+    if remote_marker is None:
+        return root / "missing"  # a path that does not exist: the caller reports it
+    local = root / _version(remote_marker)
+    if (local / MARKER).is_file():  # complete: copies appear only by rename
+        return local
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root / ".lock"):
+        for _ in range(attempts):
+            remote_marker = _read_now(join(url, MARKER))  # again: it may have changed while we waited
+            if remote_marker is None:
+                continue  # being uploaded again (its MARKER is removed first)
+            local = root / _version(remote_marker)
+            if (local / MARKER).is_file():
+                break
+            partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
+            get_dir(url, partial)
+            if (partial / MARKER).is_file() and (partial / MARKER).read_bytes() == remote_marker:
+                os.rename(partial, local)
+                break
+            shutil.rmtree(partial)  # the directory changed during the download
+        else:
+            raise StorageError(
+                f"{url} changed during {attempts} downloads in a row; try again once it is written"
+            )
+        # Older copies, and hidden folders of downloads that died (only the lock holder makes them).
+        for other in root.iterdir():
+            if other == local or other.name == ".lock":
+                continue
+            if other.is_dir():
+                shutil.rmtree(other, ignore_errors=True)
+            else:
+                other.unlink(missing_ok=True)  # a copy in the layout before versions
     return local
+
+
+def _read_now(path: str) -> bytes | None:
+    """A remote file's bytes as they are now (s3fs otherwise checks them against a listing it cached), or
+    None when it does not exist."""
+    fs, inner = filesystem(path)
+    fs.invalidate_cache(inner)
+    try:
+        with fs.open(inner, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _version(marker: bytes) -> str:
+    return hashlib.sha256(marker).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` between processes and threads; the system drops it if a holder dies."""
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def check(url: str | os.PathLike, what: str = "storage") -> None:
