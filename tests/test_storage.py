@@ -269,3 +269,48 @@ def test_concurrent_downloads_of_one_checkpoint_share_one_complete_copy(s3_here,
     newer = storage.localize_dir(url)
     assert (newer / "meta.json").read_bytes() == b'{"step": 2}'
     assert [p for p in root.iterdir() if p.is_dir()] == [newer] and not copy.exists()  # the old copy went
+
+
+@pytest.mark.deadline(300)
+def test_evaluate_reads_a_synthesize_folder_in_s3_like_a_local_one(
+    s3_here, crops, tiny_vqgan_checkpoint, tmp_path
+):
+    import shutil
+
+    from tests.conftest import write_csv
+    from voldit import storage
+    from voldit.cli import main
+
+    fs = s3_here
+    remote, local = f"s3://{BUCKET}/synthetic-eval", tmp_path / "synthetic"
+    vqgan = storage.put_dir(tiny_vqgan_checkpoint, f"s3://{BUCKET}/eval-vqgan")
+    (local / "volumes").mkdir(parents=True)
+    manifests: dict = {local: [], remote: []}
+    for k, (image, mask) in enumerate(crops["rows"][:4]):  # the same files in both folders
+        name = f"volumes/g{k}.nii.gz"
+        shutil.copy(image, local / name)
+        fs.put_file(str(image), f"{BUCKET}/synthetic-eval/{name}")
+        for folder, rows in manifests.items():
+            rows.append(
+                {"id": f"g{k}", "mask": str(mask), "output": storage.join(folder, name), "status": "ok"}
+            )
+    for folder, rows in manifests.items():
+        rows.append({"id": "g9", "mask": str(mask), "output": "", "status": "failed"})  # not evaluated
+        storage.write_text(storage.join(folder, "manifest.csv"), pd.DataFrame(rows).to_csv(index=False))
+        storage.write_text(storage.join(folder, "run.json"), json.dumps({"vqgan": vqgan}))
+    real = write_csv(tmp_path / "real.csv", crops["rows"][6:10])
+
+    results = {}
+    for folder in (local, remote):
+        report = tmp_path / f"report-{len(results)}"
+        assert (
+            main(["evaluate", "--generated", str(folder), "--real", str(real), "--output", str(report)]) == 0
+        )
+        results[folder] = json.loads((report / "evaluation.json").read_text())
+        assert (report / "generated_previews.png").is_file()
+    from_s3, from_disk = results[remote], results[local]
+    assert from_s3["generated"] == {"source": remote, "volumes": 4}
+    assert from_s3["vqgan_frechet_distance"]["vqgan"] == vqgan  # the folder's run.json names its VQ-GAN
+    assert set(from_s3["mask_fidelity"]["tissue_dice"]) == {"g0", "g1", "g2", "g3"}
+    from_s3.pop("generated"), from_disk.pop("generated")
+    assert from_s3 == from_disk  # every number as for the local copy

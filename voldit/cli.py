@@ -355,12 +355,15 @@ def _synthesize(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from voldit import storage
     from voldit.report import write_report
 
+    for what, url in (("--generated", args.generated), ("--real", args.real)):
+        storage.check(url, what)  # one clear error for a bad endpoint, credentials or bucket
     vqgan = args.vqgan
-    run_info = Path(args.generated) / "run.json"
-    if vqgan is None and run_info.is_file():  # a `voldit synthesize` folder names its VQ-GAN
-        vqgan = json.loads(run_info.read_text()).get("vqgan")
+    run_info = storage.join(args.generated, "run.json")
+    if vqgan is None and storage.exists(run_info):  # a `voldit synthesize` folder names its VQ-GAN
+        vqgan = json.loads(storage.read_text(run_info)).get("vqgan")
     results = write_report(args.generated, args.real, args.output, vqgan=vqgan, size=args.size)
     h, m = results["hu_histogram"], results["mmd"]
     print(
@@ -612,10 +615,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--generated",
         required=True,
-        help="a `voldit synthesize` output folder, a folder of NIfTI files, or a CSV with an image column",
+        help="a `voldit synthesize` output folder, a folder of NIfTI files, or a CSV with an image column "
+        "(local or s3://)",
     )
     ev.add_argument(
-        "--real", required=True, help="a folder of NIfTI files, or a CSV with image (and mask) columns"
+        "--real",
+        required=True,
+        help="a folder of NIfTI files, or a CSV with image (and mask) columns (local or s3://)",
     )
     ev.add_argument("--output", required=True, help="folder for evaluation.json, report.md, plots")
     ev.add_argument(

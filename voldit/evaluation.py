@@ -20,6 +20,7 @@ Metrics:
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from voldit import storage
 from voldit.data.intensity import HU_MAX, HU_MIN, hu_to_unit
 from voldit.data.nifti import VolumeError, read_volume
 
@@ -40,6 +42,7 @@ HU_BIN = 20.0
 TISSUES = ("air", "soft tissue", "bone")
 TISSUE_EDGES = (-400.0, 200.0)  # HU: air/lung below -400, bone from 200, soft tissue and fat between
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001)  # the first three scales of Wang et al.'s weights
+NIFTI = (".nii", ".nii.gz")
 
 
 class EvaluationError(ValueError):
@@ -55,26 +58,40 @@ class Item:
 
 def load_items(source: str | Path) -> list[Item]:
     """A set of volumes: a `voldit synthesize` output folder (its manifest's ok rows, with masks), a CSV
-    with an ``image`` column (and optionally ``mask``), or a folder of NIfTI files (recursively)."""
-    source = Path(source)
-    if source.is_dir() and (source / "manifest.csv").is_file():
-        frame = pd.read_csv(source / "manifest.csv", dtype=str, keep_default_na=False)
+    with an ``image`` column (and optionally ``mask``), or a folder of NIfTI files (recursively); each
+    local or in object storage (``s3://``), whose volumes are then read from there."""
+    source = str(source).rstrip("/")
+    manifest = storage.join(source, "manifest.csv")
+    if storage.exists(manifest):
+        frame = _read_csv(manifest)
         frame = frame[frame["status"] == "ok"]
         key = next((c for c in ("mask", *frame.columns[1:]) if c in frame.columns), None)
         return [Item(r["id"], r["output"], r.get(key)) for r in frame.to_dict("records")]
-    if source.suffix == ".csv":
-        frame = pd.read_csv(source, dtype=str, keep_default_na=False)
+    if source.endswith(".csv") and storage.exists(source):
+        frame = _read_csv(source)
         if "image" not in frame.columns:
             raise EvaluationError(f"{source}: needs an `image` column (and optionally `mask`)")
         return [
-            Item(r.get("id") or Path(r["image"]).name.split(".")[0], r["image"], r.get("mask") or None)
+            Item(r.get("id") or _stem(r["image"]), r["image"], r.get("mask") or None)
             for r in frame.to_dict("records")
         ]
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.name.endswith((".nii", ".nii.gz")))
-        files = [p for p in files if not p.name.startswith(".")]
-        return [Item(p.name.split(".")[0], str(p)) for p in files]
-    raise EvaluationError(f"{source}: not a folder of NIfTI files, a CSV or a `voldit synthesize` output")
+    if storage.is_remote(source):
+        files = storage.glob(storage.join(source, "**"))
+    elif Path(source).is_dir():
+        files = sorted(str(p) for p in Path(source).rglob("*"))
+    else:
+        raise EvaluationError(f"{source}: not a folder of NIfTI files, a CSV or a `voldit synthesize` output")
+    return [Item(_stem(p), p) for p in files if _stem(p) and p.endswith(NIFTI)]
+
+
+def _stem(path: str) -> str:
+    """A file's name without its extensions; empty for hidden files (temporaries)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return "" if name.startswith(".") else name.split(".")[0]
+
+
+def _read_csv(path: str) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(storage.read_bytes(path)), dtype=str, keep_default_na=False)
 
 
 def hu_histogram(volumes: Sequence[np.ndarray], bin_width: float = HU_BIN) -> tuple[np.ndarray, np.ndarray]:
