@@ -283,8 +283,7 @@ def _settings(args: argparse.Namespace):
 
 @command("sample")
 def _sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from voldit import storage
     from voldit.sampling import epoch_checkpoints, write_samples
 
     settings = _settings(args)
@@ -292,11 +291,11 @@ def _sample(args: argparse.Namespace) -> int:
         if args.epoch_start is None or args.epoch_end is None:
             raise ConfigError("--run needs --epoch-start and --epoch-end (and optionally --epoch-step)")
         targets = [
-            (path, Path(args.output) / f"epoch_{epoch:04d}")
+            (path, storage.join(args.output, f"epoch_{epoch:04d}"))
             for epoch, path in epoch_checkpoints(args.run, args.epoch_start, args.epoch_end, args.epoch_step)
         ]
     elif args.checkpoint:
-        targets = [(Path(args.checkpoint), Path(args.output))]
+        targets = [(args.checkpoint, args.output)]  # strings: an s3:// URL stays one
     else:
         raise ConfigError("give --checkpoint (a VolDiT checkpoint) or --run with an epoch range")
     for checkpoint, folder in targets:
@@ -311,7 +310,10 @@ def _sample(args: argparse.Namespace) -> int:
             reference=args.reference,
             device=args.device,
         )
-        print(f"{len(written)} volume(s) from {checkpoint} -> {folder} (previews in {folder / 'previews'})")
+        print(
+            f"{len(written)} volume(s) from {checkpoint} -> {folder} "
+            f"(previews in {storage.join(folder, 'previews')})"
+        )
     return 0
 
 
@@ -461,9 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enc.add_argument("--workers", type=int, default=1, help="encoder actors at most")
     enc.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per encoder actor (0: CPU)")
-    enc.add_argument(
-        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)"
-    )
+    _cluster_flags(enc)
 
     tr = verbs.add_parser("train", help="train the VQ-GAN, VolDiT or TGCA with Ray Train (DDP)")
     tr.add_argument("config", nargs="+", help="config YAML(s), then any section.key=value overrides")
@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--gpus-per-worker", type=float, default=0.0)
     tr.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from")
     tr.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
-    tr.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    _cluster_flags(tr)
 
     sw = verbs.add_parser("sweep", help="Ray Tune sweep of VolDiT sizes x patch sizes (and other keys), ASHA")
     sw.add_argument(
@@ -528,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: as resources allow)")
     sw.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     sw.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
-    sw.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)")
+    _cluster_flags(sw)
 
     demo = verbs.add_parser(
         "demo", help="the whole pipeline on real example CT with the tiny configs, with a report"
@@ -558,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache", default=".cache/examples", help="with --example-data: where the CTs are kept"
     )
     pipe.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every stage")
+    _cluster_flags(pipe, address=False)
 
     smp = verbs.add_parser(
         "sample", help="unconditional volumes from a VolDiT checkpoint (or an epoch range)"
@@ -604,9 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthesise from masks with label values the TGCA never saw in training",
     )
     syn.add_argument("--no-previews", action="store_true", help="skip the preview PNGs and contact sheet")
-    syn.add_argument(
-        "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)"
-    )
+    _cluster_flags(syn)
     _sampling_flags(syn)
 
     ev = verbs.add_parser(
@@ -646,6 +645,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cluster_flags(parser: argparse.ArgumentParser, address: bool = True) -> None:
+    """What a verb that runs on Ray needs to know of the cluster."""
+    if address:
+        parser.add_argument(
+            "--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local)"
+        )
+    parser.add_argument(
+        "--wait-for-resources",
+        dest="wait_for_resources",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="how long to wait for the autoscaler to add the GPUs asked for "
+        "(default: $VOLDIT_WAIT_FOR_RESOURCES, else 1800)",
+    )
+    parser.add_argument(
+        "--shared-dir",
+        dest="shared_dir",
+        default=None,
+        help="a folder every node of the cluster mounts (EFS, NFS): local --storage/--output under it "
+        "are allowed on a multi-node cluster (default: $VOLDIT_SHARED_DIR)",
+    )
+
+
 def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vqgan",
@@ -683,6 +706,31 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _export_cluster_flags(args: argparse.Namespace) -> None:
+    """The cluster flags travel as the environment variables they default to (read by the runtime)."""
+    wait, shared = getattr(args, "wait_for_resources", None), getattr(args, "shared_dir", None)
+    if wait is None and not shared:
+        return
+    import os
+
+    from voldit.distributed.runtime import SHARED_DIR_ENV, WAIT_ENV
+
+    if wait is not None:
+        os.environ[WAIT_ENV] = str(wait)
+    if shared:
+        os.environ[SHARED_DIR_ENV] = shared
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from voldit.checkpoint import CheckpointError
     from voldit.data.latents import LatentDatasetError
@@ -701,6 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = args.verb + (f" {args.config_verb}" if args.verb == "config" else "")
     if args.verb == "train" and args.name is None:
         args.name = args.stage
+    _export_cluster_flags(args)
     try:
         return _COMMANDS[name](args)
     except (

@@ -8,6 +8,7 @@ Every artefact lands under one output folder (or ``s3://`` prefix).
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Sequence
@@ -77,11 +78,12 @@ def run_pipeline(
     dit = train(cfg("dit"), "dit", *latents, name="dit", **common)
     results["dit"] = str(dit.best)
     say(f"[pipeline] VolDiT: validation loss {dit.metrics['val_loss']:.4f} -> {dit.best}")
-    if samples and not storage.is_remote(output):
+    if samples:
         results["samples"] = storage.join(output, "samples")
         import pandas as pd
 
-        reference = pd.read_csv(train_csv, dtype=str)["image"].iloc[0]  # a real CT's orientation and spacing
+        # A real CT's orientation and spacing.
+        reference = pd.read_csv(io.BytesIO(storage.read_bytes(train_csv)), dtype=str)["image"].iloc[0]
         write_samples(dit.best, results["samples"], samples, reference=reference, progress=False)
         say(f"[pipeline] {samples} unconditional volumes (DDPM-300) -> {results['samples']}")
     tgca = train(cfg("tgca"), "tgca", *latents, dit=str(dit.best), name="tgca", **common)
@@ -121,18 +123,35 @@ def _evaluate(results: dict, val_csv: str, train_csv: str, output: str, say) -> 
     return report
 
 
-def example_data(output: str | Path, cache: str | Path) -> tuple[Path, Path, Path]:
+def example_data(output: str | Path, cache: str | Path) -> tuple[str, str, str]:
     """Twelve real 64x64x32 CT crops with organ masks from the TotalSegmentator examples: ten for
-    training, two for validation, and every crop's mask to synthesise from."""
-    data = Path(output) / "data"
+    training, two for validation, and every crop's mask to synthesise from. For an s3:// output they
+    are uploaded under ``<output>/data`` and the CSVs name their URLs, so every node can read them."""
+    remote = str(output).rstrip("/") if storage.is_remote(output) else None
+    local = Path(output) if not remote else storage.cache_root() / "demo" / _digest(remote)
+    data = local / "data"
     rows = write_crops(data / "crops", fetch_examples(cache))
+    if remote:
+        storage.sync_dir(data / "crops", storage.join(remote, "data", "crops"))
+        rows = [
+            tuple(storage.join(remote, "data", Path(p).relative_to(data).as_posix()) for p in r) for r in rows
+        ]
     masks = _csv(data / "masks.csv", [(Path(seg).name.split(".")[0], seg) for _, seg in rows], "id,mask")
-    return _csv(data / "train.csv", rows[:10]), _csv(data / "val.csv", rows[10:]), masks
+    csvs = [_csv(data / "train.csv", rows[:10]), _csv(data / "val.csv", rows[10:]), masks]
+    if remote:
+        return tuple(storage.upload(c, storage.join(remote, "data", c.name)) for c in csvs)
+    return tuple(str(c) for c in csvs)
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_demo(output: str | Path, cache: str | Path, overrides: Sequence[str] = ()) -> dict[str, str]:
     """The pipeline on the example CT crops with the tiny configs; returns where each result went."""
-    output = Path(output).resolve()
+    output = storage.resolve(output)  # a local folder made absolute, or an s3:// URL unchanged
     train_csv, val_csv, masks = example_data(output, cache)
-    print(f"[demo] 12 real CT crops (64x64x32, with organ masks) in {output / 'data'}")
-    return run_pipeline(str(train_csv), str(val_csv), str(masks), output, overrides=overrides)
+    print(f"[demo] 12 real CT crops (64x64x32, with organ masks) in {storage.join(output, 'data')}")
+    return run_pipeline(train_csv, val_csv, masks, output, overrides=overrides)

@@ -12,12 +12,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from voldit import storage
 from voldit.builders import build_schedule, model_from_checkpoint, vqgan_factor
 from voldit.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from voldit.data.intensity import unit_to_hu_int16
@@ -228,21 +230,25 @@ class Pipeline:
         return [unit_to_hu_int16(image) for image in images]
 
 
-def epoch_checkpoints(run_dir: str | Path, start: int, end: int, step: int = 1) -> list[tuple[int, Path]]:
-    """The periodic checkpoints ``<run>/checkpoints/epoch_NNNN`` for epochs start, start+step, ..., end
-    (the seed's epoch-range sampling); every one asked for must exist."""
-    folder = Path(run_dir) / "checkpoints"
+def epoch_checkpoints(run_dir: str | Path, start: int, end: int, step: int = 1) -> list[tuple[int, str]]:
+    """The periodic checkpoints ``<run>/checkpoints/epoch_NNNN`` (a folder or an s3:// prefix) for epochs
+    start, start+step, ..., end (the seed's epoch-range sampling); every one asked for must exist."""
+    folder = storage.join(run_dir, "checkpoints")
     wanted = list(range(start, end + 1, step))
     if not wanted:
         raise CheckpointError(f"no epochs in {start}..{end} by {step}")
-    missing = [e for e in wanted if not (folder / f"epoch_{e:04d}" / "meta.json").is_file()]
+    complete = {
+        name: storage.join(folder, name)
+        for name in (Path(p).parent.name for p in storage.glob(storage.join(folder, "epoch_*", "meta.json")))
+    }
+    missing = [e for e in wanted if f"epoch_{e:04d}" not in complete]
     if missing:
-        have = sorted(int(p.name[6:]) for p in folder.glob("epoch_*") if p.name[6:].isdigit())
+        have = sorted(int(n[6:]) for n in complete if n[6:].isdigit())
         raise CheckpointError(
             f"{folder} has no checkpoint for epoch(s) {missing[:10]}; it has epochs {have or 'none'} "
             "(periodic checkpoints are kept every training.checkpoint_freq epochs)"
         )
-    return [(e, folder / f"epoch_{e:04d}") for e in wanted]
+    return [(e, complete[f"epoch_{e:04d}"]) for e in wanted]
 
 
 def write_samples(
@@ -256,8 +262,9 @@ def write_samples(
     reference: str | Path | None = None,
     device: str | None = None,
     progress: bool = True,
-) -> list[Path]:
-    """Draw ``n_samples`` unconditional volumes from a VolDiT checkpoint into ``output`` as int16 HU
+) -> list[Path | str]:
+    """Draw ``n_samples`` unconditional volumes from a VolDiT checkpoint into ``output`` (a folder or an
+    s3:// prefix) as int16 HU
     NIfTI (``sample_NNN.nii.gz``, sample k seeded ``seed + k``) with a preview PNG each.
 
     The affine is the ``reference`` NIfTI's (e.g. a training CT), else 1 mm isotropic.
@@ -269,22 +276,28 @@ def write_samples(
 
     pipeline = Pipeline(checkpoint, vqgan, settings, device, stage="dit")
     affine = read_volume(reference).affine if reference else np.eye(4)
-    output = Path(output)
-    written = []
-    for start in tqdm(range(0, n_samples, batch_size), desc="sample", unit="batch", disable=not progress):
-        seeds = list(range(seed + start, seed + min(start + batch_size, n_samples)))
-        for k, volume in zip(seeds, pipeline.volumes(seeds), strict=True):
-            name = f"sample_{k - seed:03d}"
-            path = write_volume(output / f"{name}.nii.gz", volume, affine)
-            save_png(preview(volume, affine, title=f"{name} (seed {k})"), output / "previews" / f"{name}.png")
-            written.append(path)
-    meta = {
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "checkpoint_id": pipeline.ids["checkpoint"],
-        "vqgan": str(pipeline.vqgan_checkpoint.path.resolve()),
-        "vqgan_id": pipeline.ids["vqgan"],
-        "seeds": [seed, seed + n_samples - 1],
-        **asdict(pipeline.settings),
-    }
-    (output / "samples.json").write_text(json.dumps(meta, indent=2))
+    remote = str(output) if storage.is_remote(output) else None
+    with tempfile.TemporaryDirectory(prefix="voldit-samples-") as staging:
+        folder = Path(staging) if remote else Path(output)  # a remote output is staged, then uploaded
+        written = []
+        for start in tqdm(range(0, n_samples, batch_size), desc="sample", unit="batch", disable=not progress):
+            seeds = list(range(seed + start, seed + min(start + batch_size, n_samples)))
+            for k, volume in zip(seeds, pipeline.volumes(seeds), strict=True):
+                name = f"sample_{k - seed:03d}"
+                path = write_volume(folder / f"{name}.nii.gz", volume, affine)
+                save_png(
+                    preview(volume, affine, title=f"{name} (seed {k})"), folder / "previews" / f"{name}.png"
+                )
+                written.append(storage.join(remote, path.name) if remote else path)
+        meta = {
+            "checkpoint": storage.resolve(checkpoint),
+            "checkpoint_id": pipeline.ids["checkpoint"],
+            "vqgan": str(pipeline.vqgan_checkpoint.path.resolve()),
+            "vqgan_id": pipeline.ids["vqgan"],
+            "seeds": [seed, seed + n_samples - 1],
+            **asdict(pipeline.settings),
+        }
+        storage.write_text(folder / "samples.json", json.dumps(meta, indent=2))
+        if remote:
+            storage.sync_dir(folder, remote)
     return written

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
 import logging
 import re
@@ -74,29 +75,37 @@ def safe_name(row_id: str) -> str:
 @dataclass(frozen=True)
 class Layout:
     """Where each of a row's files goes in an output folder. With a ``remote`` (s3://) output, files are
-    written under ``root`` (a local staging folder) and uploaded as each is completed."""
+    written under ``root``, a staging folder on this machine's own disk, and uploaded (then removed) as
+    each is completed; every node stages under its own cache, so nothing depends on a shared disk."""
 
     root: Path
     remote: str | None = None
 
+    @classmethod
+    def of(cls, output: str | Path) -> Layout:
+        """The layout of ``output``: a local folder, or an s3:// prefix staged under this node's cache."""
+        if not storage.is_remote(output):
+            return cls(Path(output).resolve())
+        remote = str(output).rstrip("/")
+        staging = storage.cache_root() / "synthesize" / hashlib.sha256(remote.encode()).hexdigest()[:16]
+        return cls(staging, remote)
+
+    def url(self, path: Path) -> str:
+        """Where a file under ``root`` lives in the output (its URL for a remote output)."""
+        if not self.remote:
+            return str(path)
+        return storage.join(self.remote, Path(path).relative_to(self.root).as_posix())
+
     def publish(self, path: Path, keep: bool = True) -> str:
-        """Upload a completed file to the remote output (its URL), or return its local path."""
+        """Upload a completed file to the remote output (its URL), or return its local path. A remote
+        output's staging copy is removed unless ``keep``."""
         path = Path(path)
         if not self.remote:
             return str(path)
-        dest = storage.upload(path, storage.join(self.remote, path.relative_to(self.root).as_posix()))
+        dest = storage.upload(path, self.url(path))
         if not keep:
             path.unlink()
         return dest
-
-    def pull_records(self) -> None:
-        """Bring a remote output's records into the staging folder (they say which rows are done)."""
-        if self.remote and storage.exists(storage.join(self.remote, "records")):
-            fs, inner = storage.filesystem(storage.join(self.remote, "records"))
-            local = self.root / "records"
-            local.mkdir(parents=True, exist_ok=True)
-            for path in fs.glob(f"{inner}/*.json"):
-                fs.get_file(path, str(local / Path(path).name))
 
     def volume(self, name: str) -> Path:
         return self.root / "volumes" / f"{name}.nii.gz"
@@ -107,6 +116,59 @@ class Layout:
     def record(self, name: str) -> Path:
         return self.root / "records" / f"{name}.json"
 
+    def done(self, names) -> set[str]:
+        """The rows among ``names`` that are finished (status ok, volume in place): what a resumed run skips.
+
+        A remote output is read with one listing per folder, never a request per row: a row is done when
+        both its volume and its record are listed (the record is written after the volume, and a row
+        that fails after its volume was uploaded has that volume removed).
+        """
+        names = set(names)
+        if not self.remote:
+            return {n for n in names if is_complete(self, read_record(self, n))}
+        return names & self._listed("records", ".json") & self._listed("volumes", ".nii.gz")
+
+    def records(self, names) -> dict[str, dict]:
+        """The records of finished rows, by name. From a remote output they come from the previous
+        run's manifest (one request); only the rows it lacks (finished by a killed run) are fetched,
+        concurrently."""
+        names = set(names)
+        if not self.remote:
+            return {n: r for n in names if (r := read_record(self, n)) is not None}
+        records = {n: r for n, r in self._previous_manifest().items() if n in names}
+        missing = sorted(names - set(records))
+        if missing:
+            fs, _ = storage.filesystem(self.remote)
+            paths = {storage.filesystem(self.url(self.record(n)))[1]: n for n in missing}
+            for path, data in fs.cat(list(paths), on_error="omit").items():
+                try:
+                    records[paths[path]] = json.loads(data)
+                except json.JSONDecodeError:
+                    log.warning("record %s is not valid JSON; its row counts as not run", path)
+        return records
+
+    def _listed(self, folder: str, suffix: str) -> set[str]:
+        fs, inner = storage.filesystem(storage.join(self.remote, folder))
+        try:
+            paths = fs.find(inner)
+        except FileNotFoundError:
+            return set()
+        return {Path(p).name[: -len(suffix)] for p in paths if p.endswith(suffix)}
+
+    def _previous_manifest(self) -> dict[str, dict]:
+        """The ok rows of the manifest an earlier run wrote, as records by name (one request)."""
+        url = storage.join(self.remote, MANIFEST)
+        try:
+            frame = pd.read_csv(io.BytesIO(storage.read_bytes(url)), dtype=str, keep_default_na=False)
+        except (FileNotFoundError, pd.errors.EmptyDataError):
+            return {}
+        frame = frame[frame["status"] == "ok"]
+        out = {}
+        for row in frame.to_dict("records"):
+            name = safe_name(row["id"])
+            out[name] = {**row, "name": name, "seed": int(row["seed"]), "seconds": float(row["seconds"] or 0)}
+        return out
+
     def remove_temporaries(self) -> int:
         """Delete files a killed run left half-written (hidden temporaries); returns how many."""
         stale = [p for sub in ("volumes", "previews", "records") for p in (self.root / sub).glob(".*")]
@@ -115,10 +177,12 @@ class Layout:
         return len(stale)
 
 
-def write_record(layout: Layout, record: dict) -> None:
+def write_record(layout: Layout, record: dict) -> dict:
+    """Write a row's record (last of its files) and return it."""
     path = layout.record(record["name"])
     storage.write_text(path, json.dumps(record, indent=1))
-    layout.publish(path)
+    layout.publish(path, keep=False)
+    return record
 
 
 def read_record(layout: Layout, name: str) -> dict | None:
@@ -132,11 +196,10 @@ def read_record(layout: Layout, name: str) -> dict | None:
 
 
 def is_complete(layout: Layout, record: dict | None) -> bool:
-    """A row is done when its record says ok and its volume is there with the recorded shape."""
+    """A row of a local output is done when its record says ok and its volume is there with the
+    recorded shape."""
     if not record or record.get("status") != "ok":
         return False
-    if layout.remote:  # an S3 object exists only once its upload completed
-        return storage.exists(record["output"])
     path = layout.volume(record["name"])
     try:
         return list(nib.load(path).shape) == record["shape"]
@@ -198,7 +261,8 @@ class Synthesizer:
     ) -> None:
         self.settings = SamplingSettings(**(settings or {}))
         self.pipeline = Pipeline(checkpoint, vqgan, self.settings, device, stage="tgca")
-        self.layout = Layout(Path(output), remote)
+        # A remote output is staged under this node's own cache, wherever the driver staged its files.
+        self.layout = Layout.of(remote) if remote else Layout(Path(output))
         self.allow_unseen_labels = allow_unseen_labels
         self.previews = previews
         self._workers = io_workers()  # masks read and volumes written beside the GPU
@@ -263,6 +327,7 @@ class Synthesizer:
         start = time.perf_counter()
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         results = {r["id"]: "" for r in rows}
+        records: dict[str, dict] = {}
         ready = []
         for row, prepared, error in load_rows(self._workers, self._masks, rows):  # read in parallel
             if error:
@@ -271,27 +336,31 @@ class Synthesizer:
                 ready.append((row, *prepared))
         if ready:
             try:
-                results.update(self._generate(ready, start))
+                records.update(self._generate(ready, start))
             except Exception as error:  # noqa: BLE001 - one failing batch must not end the job
                 log.exception("batch of %d rows failed", len(ready))
                 for row, *_ in ready:
                     results[row["id"]] = f"synthesis failed: {type(error).__name__}: {error}"
         seconds = (time.perf_counter() - start) / len(rows)
         for row in rows:
+            if row["id"] in records and records[row["id"]]["status"] != "ok":
+                results[row["id"]] = records[row["id"]]["error"]
             if results[row["id"]]:
-                write_record(
-                    self.layout, self._record(row, status="failed", error=results[row["id"]], seconds=seconds)
-                )
+                failed = self._record(row, status="failed", error=results[row["id"]], seconds=seconds)
+                records[row["id"]] = write_record(self.layout, failed)
+        # The records go back to the driver too: it builds the manifest without reading the output.
         return {
             "id": [r["id"] for r in rows],
             "error": [results[r["id"]] for r in rows],
-            "seconds": [seconds] * len(rows),
+            "seconds": [records[r["id"]]["seconds"] for r in rows],
+            "record": [json.dumps(records[r["id"]]) for r in rows],
         }
 
-    def _generate(self, ready: list, start: float) -> dict[str, str]:
+    def _generate(self, ready: list, start: float) -> dict[str, dict]:
         """Sample the batch, then decode each volume on the device while a thread pool puts the decoded
         ones back on their masks' grids and writes them (CPU work that would otherwise leave the GPU
-        idle). Returns the rows that failed after sampling, with their reasons."""
+        idle). Returns each row's record; rows that failed after sampling have status failed (their
+        record not yet written)."""
         condition = torch.stack([prepared.condition for _, prepared, _ in ready])  # (B, K, *roi_size)
         latents = self.pipeline.sample_latents([int(row["seed"]) for row, *_ in ready], condition)
         share = (time.perf_counter() - start) / len(ready)
@@ -305,35 +374,47 @@ class Synthesizer:
                 stopped = f"synthesis failed: {type(error).__name__}: {error}"
                 break
             jobs[row["id"]] = self._workers.submit(self._write, row, prepared, mask, image, share, began)
-        failed = {row["id"]: stopped for row, *_ in ready if stopped and row["id"] not in jobs}
+        out = {
+            row["id"]: self._record(row, status="failed", error=stopped)
+            for row, *_ in ready
+            if stopped and row["id"] not in jobs
+        }
+        rows = {row["id"]: row for row, *_ in ready}
         for row_id, job in jobs.items():  # every write ends before the batch returns
             try:
-                job.result()
+                out[row_id] = job.result()
             except Exception as error:  # noqa: BLE001 - one unwritable volume must not fail its batch
                 log.exception("row %s failed after sampling", row_id)
-                failed[row_id] = f"writing failed: {type(error).__name__}: {error}"
-        return failed
+                reason = f"writing failed: {type(error).__name__}: {error}"
+                out[row_id] = self._record(rows[row_id], status="failed", error=reason)
+        return out
 
-    def _write(self, row: dict, prepared, mask: np.ndarray, image: torch.Tensor, share: float, began: float):
+    def _write(
+        self, row, prepared, mask: np.ndarray, image: torch.Tensor, share: float, began: float
+    ) -> dict:
         hu = unit_to_hu_int16(prepared.restore(image))  # back on the mask's grid
         volume = write_volume(self.layout.volume(row["name"]), hu, prepared.source_affine)
         volume = self.layout.publish(volume, keep=False)  # remote: the staging copy is not kept
-        shown = ""
-        if self.previews:
-            picture = preview(hu, prepared.source_affine, mask, title=row["name"])
-            shown = self.layout.publish(save_png(picture, self.layout.preview(row["name"])))
-        record = self._record(
-            row,
-            output=volume,
-            preview=shown,
-            shape=list(hu.shape),
-            seconds=share + time.perf_counter() - began,
-        )
-        write_record(self.layout, record)
+        try:
+            shown = ""
+            if self.previews:
+                picture = preview(hu, prepared.source_affine, mask, title=row["name"])
+                shown = self.layout.publish(save_png(picture, self.layout.preview(row["name"])), keep=False)
+            record = self._record(
+                row,
+                output=volume,
+                preview=shown,
+                shape=list(hu.shape),
+                seconds=share + time.perf_counter() - began,
+            )
+            return write_record(self.layout, record)
+        except BaseException:
+            storage.remove(volume)  # a volume without its ok record must not count as done
+            raise
 
 
-def manifest_frame(frame: pd.DataFrame, layout: Layout, condition_keys: list[str]) -> pd.DataFrame:
-    """One manifest row per CSV row, in CSV order, from the records (rows without one: not run)."""
+def manifest_frame(frame: pd.DataFrame, records: dict[str, dict], condition_keys: list[str]) -> pd.DataFrame:
+    """One manifest row per CSV row, in CSV order, from the records by name (rows without one: not run)."""
     columns = [
         "id",
         *condition_keys,
@@ -352,7 +433,7 @@ def manifest_frame(frame: pd.DataFrame, layout: Layout, condition_keys: list[str
     ]
     out = []
     for row in frame.to_dict("records"):
-        record = read_record(layout, row["name"]) or {}
+        record = records.get(row["name"]) or {}
         line = {c: record.get(c, "") for c in columns}
         line.update({"id": row["id"], "seed": row["seed"], **{k: row[k] for k in condition_keys}})
         line["status"] = record.get("status", "not run")

@@ -15,7 +15,7 @@ from voldit import storage
 from voldit.checkpoint import load_checkpoint
 from voldit.data.latents import LatentDatasetInfo, committed_ids, remove_stale_temporaries, summarise
 from voldit.data.manifest import read_manifest
-from voldit.distributed.runtime import ensure_ray, require_gpus
+from voldit.distributed.runtime import ensure_ray, require_gpus, require_shared_storage
 from voldit.encode import Encoder
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def encode(
 
 def _run(todo, vqgan, output, condition_keys, roi_size, batch_size, workers, gpus, address, progress):
     ensure_ray(address)
+    require_shared_storage({"--output": output})
     require_gpus(gpus, 1)
     records = todo[["id", "image", *condition_keys]].to_dict("records")
     dataset = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), 1000)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -14,7 +13,7 @@ from tqdm.auto import tqdm
 
 from voldit import storage
 from voldit.checkpoint import load_checkpoint
-from voldit.distributed.runtime import ensure_ray, require_gpus
+from voldit.distributed.runtime import ensure_ray, require_gpus, require_shared_storage
 from voldit.previews import contact_sheet, save_png
 from voldit.sampling import SamplingSettings, fingerprint, resolve_vqgan
 from voldit.synthesis import (
@@ -24,16 +23,16 @@ from voldit.synthesis import (
     Layout,
     SynthesisError,
     Synthesizer,
-    is_complete,
     manifest_frame,
     plan_rows,
-    read_record,
     safe_name,
     write_manifest,
     write_record,
 )
 
 log = logging.getLogger(__name__)
+
+SHEET_LIMIT = 64  # previews on the contact sheet: only these are fetched from a remote output
 
 
 @dataclass
@@ -82,26 +81,22 @@ def synthesize(
     vqgan = storage.resolve(vqgan) if vqgan else tgca.meta.get("vqgan_checkpoint")
     keys = list(tgca.config.tgca.condition_keys)
     frame = plan_rows(csv, keys, seed)
-    if storage.is_remote(output):
-        remote = str(output).rstrip("/")
-        staging = storage.cache_root() / "synthesize" / hashlib.sha256(remote.encode()).hexdigest()[:16]
-        layout = Layout(staging, remote)
-        layout.pull_records()
-    else:
-        layout = Layout(Path(output).resolve())
-    output = layout.root
+    ensure_ray(address)
+    require_shared_storage({"--output": output})  # before the first file is written
+    layout = Layout.of(output)
     _claim(layout, tgca, vq, settings, checkpoint, vqgan)
     if removed := layout.remove_temporaries():
         log.info("removed %d half-written file(s) from an interrupted run", removed)
 
-    done = {name for name in frame["name"] if is_complete(layout, read_record(layout, name))}
+    done = layout.done(frame["name"])
     todo = frame[~frame["name"].isin(done) & (frame["problem"] == "")]
-    for row in frame[frame["problem"] != ""].to_dict("records"):
-        write_record(layout, _planned_failure(row, keys, row["problem"]))
     summary = SynthesisSummary(total=len(frame), skipped=len(done), synthesized=0)
-    log.info("%d rows in %s: %d already synthesised, %d to do", len(frame), csv, len(done), len(todo))
+    records = {}
+    for row in frame[frame["problem"] != ""].to_dict("records"):
+        records[row["name"]] = write_record(layout, _planned_failure(row, keys, row["problem"]))
+    log.info("%d rows in %s: %d already synthesised, %d to do", len(frame), csv, summary.skipped, len(todo))
     if len(todo):
-        elapsed = _run(
+        made, elapsed = _run(
             todo[["id", "name", "seed", *keys]].to_dict("records"),
             checkpoint,
             vqgan,
@@ -112,31 +107,33 @@ def synthesize(
             batch_size,
             workers,
             gpus_per_worker,
-            address,
             progress,
         )
-        ok = sum(1 for n in todo["name"] if (read_record(layout, n) or {}).get("status") == "ok")
+        records.update(made)
+        ok = sum(1 for n in todo["name"] if made.get(n, {}).get("status") == "ok")
         summary.synthesized = ok
         summary.volumes_per_hour = ok / elapsed * 3600 if elapsed > 0 and ok else None
-    manifest = manifest_frame(frame, layout, keys)
-    summary.manifest = layout.publish(write_manifest(manifest, output / MANIFEST))
+    records.update(layout.records(done))  # the rows of earlier runs, read once the GPUs are done
+    manifest = manifest_frame(frame, records, keys)
+    summary.manifest = layout.publish(write_manifest(manifest, layout.root / MANIFEST))
     summary.failed = manifest[manifest["status"] != "ok"][["id", "error"]].to_dict("records")
     shown = []
-    for row in manifest.to_dict("records"):
+    for row in manifest[manifest["preview"] != ""].head(SHEET_LIMIT).to_dict("records"):
         local = layout.preview(safe_name(row["id"]))
-        if row["preview"] and not local.is_file():  # written by an actor on another machine
-            local.parent.mkdir(parents=True, exist_ok=True)
-            local.write_bytes(storage.read_bytes(row["preview"]))
-        if row["preview"]:
-            shown.append((row["id"], local))
+        if not local.is_file():  # written by an actor on another node, or staged and removed
+            storage.write_bytes(local, storage.read_bytes(row["preview"]))
+        shown.append((row["id"], local))
     if shown:
-        summary.contact_sheet = layout.publish(save_png(contact_sheet(shown), output / CONTACT_SHEET))
+        sheet = save_png(contact_sheet(shown, limit=SHEET_LIMIT), layout.root / CONTACT_SHEET)
+        summary.contact_sheet = layout.publish(sheet)
+        if layout.remote:
+            for _, local in shown:
+                local.unlink(missing_ok=True)
     return summary
 
 
 def _claim(layout: Layout, tgca, vq, settings: SamplingSettings, source: str, vq_source: str) -> None:
     """Refuse to mix volumes made by other checkpoints or settings into one folder."""
-    output = layout.root
     info = {
         "checkpoint": source,
         "checkpoint_id": fingerprint(tgca.path),
@@ -144,8 +141,8 @@ def _claim(layout: Layout, tgca, vq, settings: SamplingSettings, source: str, vq
         "vqgan_id": fingerprint(vq.path),
         **settings.recorded(),
     }
-    path = output / RUN_INFO
-    remote = storage.join(layout.remote, RUN_INFO) if layout.remote else None
+    path = layout.root / RUN_INFO
+    remote = layout.url(path) if layout.remote else None
     previous = None
     if remote and storage.exists(remote):
         previous = json.loads(storage.read_text(remote))
@@ -157,7 +154,7 @@ def _claim(layout: Layout, tgca, vq, settings: SamplingSettings, source: str, vq
         if differ:
             shown = ", ".join(f"{k}: {a} before, {b} now" for k, (a, b) in differ.items())
             raise SynthesisError(
-                f"{output} holds volumes made with other checkpoints or settings ({shown}); "
+                f"{layout.remote or layout.root} holds volumes made with other checkpoints or settings ({shown}); "
                 "use another --output, or the same settings to finish that run"
             )
     storage.write_text(path, json.dumps({**info, "settings": asdict(settings)}, indent=2))
@@ -177,20 +174,9 @@ def _planned_failure(row: dict, keys: list[str], reason: str) -> dict:
 
 
 def _run(
-    rows,
-    checkpoint,
-    vqgan,
-    layout,
-    settings,
-    allow_unseen,
-    previews,
-    batch_size,
-    workers,
-    gpus,
-    address,
-    progress,
-) -> float:
-    ensure_ray(address)
+    rows, checkpoint, vqgan, layout, settings, allow_unseen, previews, batch_size, workers, gpus, progress
+) -> tuple[dict[str, dict], float]:
+    """Fan the rows out over synthesizer actors; returns their records by name and the seconds taken."""
     require_gpus(gpus, 1)
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
     statuses = dataset.map_batches(
@@ -210,10 +196,13 @@ def _run(
         num_cpus=1,
     )
     start = time.perf_counter()
-    failed = 0
+    records = {}
     with tqdm(total=len(rows), desc="synthesize", unit="vol", disable=not progress) as bar:
         for row in statuses.iter_rows():
-            failed += bool(row["error"])
+            record = json.loads(row["record"])
+            records[record["name"]] = record
             bar.update(1)
-            bar.set_postfix(failed=failed, s_per_vol=f"{row['seconds']:.1f}")
-    return time.perf_counter() - start
+            bar.set_postfix(
+                failed=sum(r["status"] != "ok" for r in records.values()), s_per_vol=f"{row['seconds']:.1f}"
+            )
+    return records, time.perf_counter() - start
