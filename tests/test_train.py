@@ -196,6 +196,57 @@ def test_two_workers_recover_from_a_killed_worker(crop_latents, tmp_path, ray_se
         model_from_checkpoint(load_checkpoint(tmp_path / "ddp" / "checkpoints" / name))
 
 
+def _first_rows(folder, dest, n):
+    """A latent folder holding the first ``n`` rows of another."""
+    from voldit.data.latents import read_latents, summarise, write_part
+
+    columns = ["id", "image", "latent", "affine", "mask", "mask_path"]
+    data = read_latents(folder, columns, limit=n)
+    write_part(dest, [{c: data[c][i] for c in columns} for i in range(n)], ["mask"])
+    info = load_info(folder)
+    summarise(dest, info.roi_size, ["mask"], info.vqgan_checkpoint)
+    return dest
+
+
+@pytest.mark.deadline(30)
+def test_validation_shares_give_every_row_to_exactly_one_worker():
+    import numpy as np
+
+    from voldit.distributed.data import validation_share
+
+    for rows in range(8):
+        for world_size in range(1, 5):
+            seen = []
+            for rank in range(world_size):
+                data = [{"latent": np.full(2, float(k))} for k in range(rows)]
+                for batch in validation_share(iter(data), 3, rank, world_size):
+                    assert 1 <= len(batch["row_index"]) <= 3
+                    assert torch.equal(
+                        batch["latent"][:, 0].long(), batch["row_index"]
+                    )  # positions match rows
+                    seen += batch["row_index"].tolist()
+            assert sorted(seen) == list(range(rows))
+
+
+@pytest.mark.slow
+@pytest.mark.deadline(900)
+def test_validation_loss_does_not_depend_on_the_number_of_workers(crop_latents, tmp_path, ray_session):
+    five = _first_rows(crop_latents["train"], tmp_path / "five", 5)
+    # lr 0 and no EMA: every run keeps the seeded initial weights, so all validate the same model.
+    cfg = load_config(
+        TINY_DIT, overrides=["training.n_epochs=1", "optim.lr=0", "training.use_ema=false", *QUIET]
+    )
+    data = {"train": crop_latents["train"], "val": five}
+    runs = {w: _train(cfg, "dit", data, tmp_path, f"w{w}", workers=w).metrics for w in (1, 2, 3)}
+    assert runs[2]["val_loss"] == pytest.approx(runs[1]["val_loss"], rel=1e-5)
+    assert runs[3]["val_loss"] == pytest.approx(runs[1]["val_loss"], rel=1e-5)
+    assert [m["val_samples"] for m in runs.values()] == [5, 5, 5]
+    # One validation row, two workers: one validates it, the other nothing.
+    one = _first_rows(crop_latents["val"], tmp_path / "one", 1)
+    single = _train(cfg, "dit", {**data, "val": one}, tmp_path, "one", workers=2).metrics
+    assert single["val_samples"] == 1 and math.isfinite(single["val_loss"])
+
+
 @pytest.mark.slow
 def test_two_worker_tgca_and_vqgan_runs(crops, crop_latents, dit_run, tmp_path, ray_session):
     tgca = _train(

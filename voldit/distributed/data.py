@@ -3,16 +3,19 @@ parquet latents (tensor columns)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import ray
+import torch
 
 from voldit import storage
 from voldit.data.latents import PART_GLOB, LatentDatasetError, parts
 from voldit.data.nifti import check_same_grid, read_volume
 from voldit.data.preprocess import prepare
+from voldit.training.context import VAL_ROW
 
 
 class VolumeLoader:
@@ -68,6 +71,30 @@ def latent_dataset(folder: str | Path, columns: Sequence[str] = ("latent",)) -> 
     if sum(fs.size(p) for p in inner) < MATERIALIZE_BELOW:
         dataset = dataset.materialize()
     return dataset
+
+
+def validation_share(
+    rows: Iterable[dict], batch_size: int, rank: int, world_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Worker ``rank``'s share of the whole validation set, given as ``rows`` in the same order on every
+    worker: the rows whose position % world_size == rank, in batches of up to ``batch_size`` with their
+    positions as VAL_ROW. Every row is validated exactly once, whatever the number of workers (Ray's
+    equal split would drop the remainder)."""
+    mine: list[tuple[int, dict]] = []
+    for position, row in enumerate(rows):
+        if position % world_size == rank:
+            mine.append((position, row))
+        if len(mine) == batch_size:
+            yield _collate(mine)
+            mine = []
+    if mine:
+        yield _collate(mine)
+
+
+def _collate(rows: list[tuple[int, dict]]) -> dict[str, torch.Tensor]:
+    batch = {key: torch.from_numpy(np.stack([row[key] for _, row in rows])) for key in rows[0][1]}
+    batch[VAL_ROW] = torch.tensor([position for position, _ in rows], dtype=torch.int64)
+    return batch
 
 
 def arrow_filesystem(fs):

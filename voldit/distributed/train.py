@@ -23,7 +23,7 @@ from voldit.checkpoint import Checkpoint, load_checkpoint
 from voldit.config import ConfigError, load_config, section_dict, stage_of
 from voldit.data.latents import LatentDatasetError, load_info
 from voldit.data.manifest import read_manifest
-from voldit.distributed.data import arrow_filesystem, latent_dataset, volume_dataset
+from voldit.distributed.data import arrow_filesystem, latent_dataset, validation_share, volume_dataset
 from voldit.distributed.runtime import ensure_ray, require_gpus
 from voldit.training.context import RunContext, TrainingError
 from voldit.training.loop import fit
@@ -98,6 +98,9 @@ def _worker(job_dict: dict) -> None:
 
     def batches(split: str, batch_size: int, epoch: int, shuffle: bool):
         shard = ray.train.get_dataset_shard(split)
+        if split == "val":  # not split by Ray: every worker reads it all and keeps its own rows
+            rank, world_size = context.get_world_rank(), context.get_world_size()
+            return validation_share(shard.iter_rows(), batch_size, rank, world_size)
         return shard.iter_torch_batches(
             batch_size=batch_size,
             local_shuffle_buffer_size=cfg.training.shuffle_buffer if shuffle else None,
@@ -323,7 +326,9 @@ def train(
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(execution_options=ingest),
+        # Only the training set is split (equally, so every worker takes as many steps); validation is
+        # shared out row by row in the workers, so no row is dropped.
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest),
     )
     try:
         result = trainer.fit()

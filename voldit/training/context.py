@@ -9,6 +9,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+# In validation batches: each row's position in the whole validation set (B,) int64, so a stage can give
+# every row the same noise whichever worker validates it, and in whichever batch.
+VAL_ROW = "row_index"
+
 
 class TrainingError(RuntimeError):
     """A run that cannot go on: bad data, a mismatched checkpoint, a diverged loss."""
@@ -17,8 +21,9 @@ class TrainingError(RuntimeError):
 @dataclass
 class RunContext:
     """What differs between workers and launchers. ``batches(split, batch_size, epoch, shuffle)`` yields
-    dicts of tensors from this worker's shard; ``report(metrics, checkpoint_dir)`` is called by every
-    worker at the same points (checkpoint only from rank 0)."""
+    dicts of tensors from this worker's shard (for "val": its share of the rows, every row on exactly one
+    worker, with VAL_ROW); ``report(metrics, checkpoint_dir)`` is called by every worker at the same points
+    (checkpoint only from rank 0)."""
 
     rank: int
     world_size: int

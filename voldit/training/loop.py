@@ -116,8 +116,9 @@ def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
                 total, count = stage.validate(ctx.batches("val", t.batch_size, epoch, False))
                 total, count = ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)
                 if count == 0:
-                    raise TrainingError("the validation dataset produced no samples on any worker")
+                    raise TrainingError("the validation dataset has no rows")
                 metrics["val_loss"] = float(total / count)
+                metrics["val_samples"] = int(count)  # every row once, whatever the number of workers
                 writer.scalars("val", {"loss": metrics["val_loss"]}, step)
                 if ctx.is_main:
                     log.info(

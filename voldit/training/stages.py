@@ -31,7 +31,7 @@ from voldit.diffusion import diffusion_loss
 from voldit.models.dit import compile_blocks
 from voldit.models.ema import EMA
 from voldit.models.vqgan import VQGANLoss, init_codebook
-from voldit.training.context import RunContext, TrainingError
+from voldit.training.context import VAL_ROW, RunContext, TrainingError
 
 
 def _wrap(model: nn.Module, ctx: RunContext) -> nn.Module:
@@ -186,18 +186,21 @@ class DiffusionStage:
 
     @torch.no_grad()
     def validate(self, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum of per-sample losses, number of samples) on this worker's shard, with EMA weights and the
-        same noise draws every time, so validations are comparable across epochs."""
+        """(sum of per-sample losses, number of samples) on this worker's share, with EMA weights and each
+        row's own noise (seeded by its VAL_ROW position; without it, by its place in ``batches``), so a
+        validation loss is the same every epoch and whatever the number of workers."""
         self.model.eval()
-        generator = torch.Generator(self.ctx.device).manual_seed(
-            self.cfg.training.seed + 7919 * self.ctx.rank
-        )
         total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         with self._ema_weights():
             for batch in batches:
                 x0, cond = self._inputs(batch)
+                rows = batch.get(VAL_ROW, torch.arange(int(count), int(count) + x0.shape[0]))
+                generators = [
+                    torch.Generator(self.ctx.device).manual_seed(self.cfg.training.seed * 2**32 + int(row))
+                    for row in rows
+                ]
                 with self.precision.autocast():
-                    loss = diffusion_loss(self.model, self.schedule, x0, generator, **cond)
+                    loss = diffusion_loss(self.model, self.schedule, x0, generators, **cond)
                 total += loss.double().cpu() * x0.shape[0]
                 count += x0.shape[0]
         return total, count
