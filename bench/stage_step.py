@@ -60,7 +60,7 @@ def main() -> None:
             yield {"latent": latents, **({"mask": masks} if masks is not None else {})}
 
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = RunContext(0, 1, device, batches, lambda metrics, path: None, Path(tmp), has_validation=False)
+        ctx = RunContext(0, 1, device, batches, lambda metrics: None, Path(tmp), has_validation=False)
         base_state = None
         if args.tgca:
             from voldit.builders import build_dit

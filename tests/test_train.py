@@ -94,6 +94,43 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(crop_latents, tmp_path,
     assert resumed.metrics["val_loss"] == straight.metrics["val_loss"]
 
 
+def test_resume_from_a_mid_epoch_checkpoint_is_bit_identical(crop_latents, tmp_path, ray_session):
+    """A run stopped in the middle of an epoch (max_steps, as a lost node with checkpoint_every_steps
+    would be) resumes there: it skips the batches it trained on and ends where an uninterrupted run does."""
+
+    def cfg(*extra):
+        keys = ["training.n_epochs=2", "training.eval_freq=2", "dit.params.dropout=0.1", *QUIET]
+        return load_config(TINY_DIT, overrides=[*keys, *extra])
+
+    stopped = _train(cfg("training.max_steps=7", "training.checkpoint_every_steps=3"), "dit", crop_latents,
+                     tmp_path, "mid")  # fmt: skip
+    meta = load_checkpoint(stopped.latest).meta
+    assert (meta["epoch"], meta["step"], meta["epoch_step"]) == (1, 7, 2)  # 5 steps per epoch
+    resumed = _train(cfg(), "dit", crop_latents, tmp_path, "mid")
+    straight = _train(cfg(), "dit", crop_latents, tmp_path, "straight")
+    assert resumed.metrics["step"] == straight.metrics["step"] == 10
+    for name in ("model", "ema"):
+        assert _same(resumed.latest, straight.latest, name), name
+
+
+def test_mid_epoch_checkpoints_are_saved_every_n_steps(crop_latents, tmp_path, ray_session, monkeypatch):
+    from voldit.training.store import CheckpointStore
+
+    saved = []
+    original = CheckpointStore.save
+    monkeypatch.setattr(
+        CheckpointStore,
+        "save",
+        lambda self, aliases, **c: saved.append(c["meta"]["step"]) or original(self, aliases, **c),
+    )
+    _train(load_config(TINY_DIT, overrides=["training.n_epochs=2", "training.eval_freq=2",
+                                            "training.checkpoint_every_steps=4", *QUIET]),
+           "dit", crop_latents, tmp_path, "every")  # fmt: skip
+    assert saved == [4, 8, 10]  # steps 4 and 8 mid-epoch, then the final checkpoint after epoch 2
+    with pytest.raises(ConfigError, match="checkpoint_every_steps"):
+        load_config(TINY_DIT, overrides=["training.checkpoint_every_steps=0"])
+
+
 def test_tgca_trains_only_the_adapter_of_the_frozen_checkpoint(dit_run, crop_latents, tmp_path, ray_session):
     cfg = load_config(TINY_TGCA, overrides=["training.n_epochs=1", *QUIET])
     result = _train(cfg, "tgca", crop_latents, tmp_path, "tgca", dit=str(dit_run.best))

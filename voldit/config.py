@@ -149,6 +149,9 @@ class Training:
     ema_decay: float = 0.9999
     grad_clip: float = 1.0
     checkpoint_freq: int | None = None  # epochs between periodic checkpoints; null: eval_freq
+    # Steps between mid-epoch checkpoints of `latest` (null: none). A long epoch on spot GPUs then loses
+    # at most this many steps when a node disappears; the resume is exact (the epoch's batch order is seeded).
+    checkpoint_every_steps: int | None = None
     log_every_n_steps: int = 10  # metrics to TensorBoard and the progress line
     shuffle_buffer: int = 16  # rows in each worker's local shuffle buffer
     max_steps: int | None = None  # stop early after this many optimiser steps (smoke tests, sweeps)
@@ -267,6 +270,14 @@ def validate(cfg: DictConfig, source: str = "config", check_roi: bool = True) ->
     if len(roi) != 3 or min(roi) < 1:
         _fail(
             source, "training.roi_size", f"is {roi}", "give three positive voxel counts, e.g. [512, 512, 256]"
+        )
+    every = cfg.training.checkpoint_every_steps
+    if every is not None and every < 1:
+        _fail(
+            source,
+            "training.checkpoint_every_steps",
+            f"is {every}",
+            "give a step count of 1 or more, or null",
         )
     if cfg.stage1 is not None:
         p = cfg.stage1.params

@@ -139,6 +139,19 @@ def put_dir(local: str | os.PathLike, dest: str) -> str:
     return dest
 
 
+def copy_dir(src: str, dest: str) -> str:
+    """Copy a remote directory (a complete checkpoint) to another remote place in the same store, with
+    server-side copies (no data through this machine), its MARKER last; ``dest`` loses its MARKER first."""
+    fs, inner_src = filesystem(src)
+    _, inner_dest = filesystem(dest)
+    if fs.exists(f"{inner_dest}/{MARKER}"):
+        fs.rm(f"{inner_dest}/{MARKER}")
+    files = sorted(fs.find(inner_src), key=lambda p: p.rsplit("/", 1)[-1] == MARKER)
+    for path in files:
+        fs.copy(path, inner_dest + path[len(inner_src) :])
+    return dest
+
+
 def get_dir(src: str, local: str | os.PathLike) -> Path:
     """Download a remote directory to a local one (replacing it). A key that would land outside ``local``
     (an empty, ``.`` or ``..`` part) is refused before anything is written."""

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,10 +24,11 @@ from voldit.config import ConfigError, load_config, section_dict, stage_of
 from voldit.data.latents import LatentDatasetError, load_info
 from voldit.data.manifest import read_manifest
 from voldit.distributed.data import arrow_filesystem, latent_dataset, validation_share, volume_dataset
-from voldit.distributed.runtime import ensure_ray, require_gpus
+from voldit.distributed.runtime import ensure_ray, require_gpus, require_shared_storage
 from voldit.training.context import RunContext, TrainingError
 from voldit.training.loop import fit
 from voldit.training.stages import DiffusionStage, VQGANStage
+from voldit.training.store import CheckpointStore
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class TrainJob:
 class TrainResult:
     run_dir: Path
     metrics: dict
-    checkpoint: Path | None
+    checkpoint: Path | str | None  # the run's latest checkpoint
     remote_run_dir: str | None = None
 
     def _named(self, name: str) -> Path | str:
@@ -108,57 +109,36 @@ def _worker(job_dict: dict) -> None:
             drop_last=shuffle,
         )
 
-    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        # The reported directory is the run's own `latest`: Ray copies it to storage and must leave it.
-        ray.train.report(metrics, checkpoint=checkpoint, delete_local_checkpoint_after_upload=False)
-
     ctx = RunContext(
         rank=context.get_world_rank(),
         world_size=context.get_world_size(),
         device=device,
         batches=batches,
-        report=report,
+        report=_report,
         run_dir=Path(job.run_dir),
         has_validation=job.has_validation,
-        publish=_publisher(job),
+        checkpoints=CheckpointStore(job.run_dir, job.remote_run_dir),
     )
     with tempfile.TemporaryDirectory(prefix="voldit-resume-") as tmp:
-        # Ray's latest checkpoint after a worker failure; our own `latest` when a finished or stopped run
-        # is started again (in-process runs keep no Ray checkpoints between runs).
-        previous = ray.train.get_checkpoint()
-        latest = ctx.run_dir / "checkpoints" / "latest"
-        if previous is not None:
-            with previous.as_directory() as directory:
-                ctx.resume_from = Path(shutil.copytree(directory, Path(tmp) / "checkpoint"))
-        elif (latest / "meta.json").is_file():
-            ctx.resume_from = Path(shutil.copytree(latest, Path(tmp) / "checkpoint"))
-        elif job.remote_run_dir and storage_lib.exists(
-            storage_lib.join(job.remote_run_dir, "checkpoints/latest/meta.json")
-        ):
-            remote_latest = storage_lib.join(job.remote_run_dir, "checkpoints", "latest")
-            ctx.resume_from = storage_lib.get_dir(remote_latest, Path(tmp) / "checkpoint")
+        # After a worker failure, or when a stopped run is started again: the run's newest complete
+        # checkpoint (from the bucket for a remote run, whichever node this worker is on).
+        ctx.resume_from = ctx.checkpoints.resume_point(Path(tmp) / "checkpoint")
         stage = _build_stage(job, cfg, ctx)
         if job.inject_failure and ctx.rank == 0:
             stage = _FailOnce(stage, job.inject_failure)
         fit(stage, ctx, cfg)
 
 
-def _publisher(job: TrainJob):
-    """Upload what rank 0 finishes under run_dir to the remote run folder (checkpoints whole, with their
-    meta.json last; log folders file by file)."""
-    if not job.remote_run_dir:
-        return lambda path: None
-    local_root = Path(job.run_dir)
-
-    def publish(path: Path) -> None:
-        dest = storage_lib.join(job.remote_run_dir, Path(path).relative_to(local_root).as_posix())
-        if (Path(path) / storage_lib.MARKER).is_file():
-            storage_lib.put_dir(path, dest)
-        elif Path(path).is_dir():
-            storage_lib.sync_dir(path, dest)
-
-    return publish
+def _report(metrics: dict) -> None:
+    """Report to Ray Train. The run's checkpoints are its own (CheckpointStore: written once, uploaded
+    in the background), so Ray keeps no copy of them; but Ray's Result keeps only metrics that come with
+    a checkpoint, so rank 0 attaches a few-byte one holding the metrics."""
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="voldit-report-") as folder:
+        (Path(folder) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def _build_stage(job: TrainJob, cfg: DictConfig, ctx: RunContext):
@@ -280,6 +260,7 @@ def train(
     # Locally, leave CPUs beyond the train workers for Ray Data's read tasks (without them, a 2-core
     # machine with 2 workers waits forever).
     ensure_ray(address, num_cpus=max(os.cpu_count() or 1, workers + 2))
+    require_shared_storage({"--storage": storage})
     require_gpus(gpus_per_worker, workers)
     ingest = _ordered()  # before the datasets are made: they capture the data context
     storage_path = storage_lib.resolve(storage)
@@ -341,10 +322,11 @@ def train(
             f"training stopped. The last good checkpoint is "
             f"{storage_lib.join(job.remote_run_dir or job.run_dir, 'checkpoints', 'latest')}"
         )
-    checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
-    return TrainResult(
-        run_dir=Path(job.run_dir), metrics=metrics, checkpoint=checkpoint, remote_run_dir=job.remote_run_dir
+    done = TrainResult(
+        run_dir=Path(job.run_dir), metrics=metrics, checkpoint=None, remote_run_dir=job.remote_run_dir
     )
+    done.checkpoint = done.latest
+    return done
 
 
 def _check_latent_source(cfg: DictConfig, stage: str, train_data: str, vqgan: str | None) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from voldit.training.store import CheckpointStore
+
 # In validation batches: each row's position in the whole validation set (B,) int64, so a stage can give
 # every row the same noise whichever worker validates it, and in whichever batch.
 VAL_ROW = "row_index"
@@ -22,20 +24,23 @@ class TrainingError(RuntimeError):
 class RunContext:
     """What differs between workers and launchers. ``batches(split, batch_size, epoch, shuffle)`` yields
     dicts of tensors from this worker's shard (for "val": its share of the rows, every row on exactly one
-    worker, with VAL_ROW); ``report(metrics, checkpoint_dir)`` is called by every worker at the same points
+    worker, with VAL_ROW); ``report(metrics)`` is called by every worker at the same points
     (checkpoint only from rank 0)."""
 
     rank: int
     world_size: int
     device: torch.device
     batches: Callable[[str, int, int, bool], Iterable[dict[str, torch.Tensor]]]
-    report: Callable[[dict, Path | None], None]
+    report: Callable[[dict], None]
     run_dir: Path
     resume_from: Path | None = None
     has_validation: bool = True
-    # Called by rank 0 with a path under run_dir once it is complete (a checkpoint directory or a log
-    # file), so a launcher with remote storage can upload it; a no-op for local runs.
-    publish: Callable[[Path], None] = lambda path: None
+    # Where rank 0 saves checkpoints: run_dir's own folder, or a remote run folder (uploads behind training).
+    checkpoints: CheckpointStore | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoints is None:
+            self.checkpoints = CheckpointStore(self.run_dir)
 
     @property
     def is_main(self) -> bool:

@@ -9,7 +9,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from voldit.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
+from voldit.checkpoint import load_checkpoint
 from voldit.training.context import RunContext, TrainingError
 
 log = logging.getLogger(__name__)
@@ -44,16 +44,18 @@ class _Writer:
 def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
     """Train ``stage`` to ``training.n_epochs`` (or ``max_steps``), resuming from ``ctx.resume_from``.
 
-    Every worker calls ``ctx.report`` at the same points; rank 0 attaches a checkpoint after each
-    validation or every ``checkpoint_freq`` epochs and at the end, and also keeps named copies under
-    ``run_dir/checkpoints``: ``latest``, ``best`` (lowest validation loss) and ``epoch_NNNN``.
+    Every worker calls ``ctx.report`` at the same points; before it, rank 0 saves ``latest`` through
+    ``ctx.checkpoints`` after each validation, every ``checkpoint_freq`` epochs, every
+    ``checkpoint_every_steps`` steps (mid-epoch: a resume skips the epoch's batches already trained on)
+    and at the end, with named copies ``best`` (lowest validation loss) and ``epoch_NNNN``.
     """
     t = cfg.training
-    epoch, step, best = 0, 0, math.inf
+    epoch, step, best, skip = 0, 0, math.inf, 0
     if ctx.resume_from is not None:
         ckpt = load_checkpoint(ctx.resume_from, stage=stage.stage)
         stage.restore(ckpt)
         epoch, step = ckpt.meta["epoch"], ckpt.meta["step"]
+        skip = ckpt.meta.get("epoch_step", 0)  # a mid-epoch checkpoint: batches of this epoch done
         best = ckpt.meta.get("best_val_loss") or math.inf
         if ctx.is_main:
             log.info("resumed from %s at epoch %d, step %d", ctx.resume_from, epoch, step)
@@ -65,9 +67,12 @@ def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
     try:
         while epoch < t.n_epochs and not (t.max_steps and step >= t.max_steps):
             stage.train_mode()
-            window, window_start, epoch_steps = [], time.perf_counter(), 0
+            window, window_start, epoch_steps, stopped = [], time.perf_counter(), 0, False
             epoch_start, epoch_samples = window_start, 0.0
             for batch in ctx.batches("train", t.batch_size, epoch, True):
+                if epoch_steps < skip:  # the epoch's order is seeded: these batches were trained on
+                    epoch_steps += 1
+                    continue
                 out = stage.train_step(batch, epoch)
                 loss = ctx.all_reduce_sum(out["loss"].float()) / ctx.world_size
                 if not torch.isfinite(loss):
@@ -93,19 +98,31 @@ def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
                     )
                     window, window_start = [], time.perf_counter()
                 if t.max_steps and step >= t.max_steps:
+                    stopped = True  # mid-epoch: the checkpoint records where in the epoch
                     break
+                if t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                    mid = {
+                        "epoch": epoch,
+                        "step": step,
+                        "epoch_step": epoch_steps,
+                        "best_val_loss": _finite(best),
+                    }
+                    _report(stage, ctx, cfg, mid, save=True, aliases=[])
+            skip = 0
             if epoch_steps == 0:
                 raise TrainingError(
                     f"worker {ctx.rank} got no training batch in epoch {epoch}: the dataset has fewer rows than "
                     f"workers x batch size ({ctx.world_size} x {t.batch_size}) or is empty"
                 )
-            steps_per_epoch = steps_per_epoch or epoch_steps
-            stage.end_epoch()
-            epoch += 1
-            last = epoch >= t.n_epochs or bool(t.max_steps and step >= t.max_steps)
+            if not stopped:
+                steps_per_epoch = steps_per_epoch or epoch_steps
+                stage.end_epoch()
+                epoch += 1
+            last = stopped or epoch >= t.n_epochs or bool(t.max_steps and step >= t.max_steps)
             metrics = {
                 "epoch": epoch,
                 "step": step,
+                **({"epoch_step": epoch_steps} if stopped else {}),
                 "loss": window[-1][0] if window else metrics.get("loss"),
                 "lr": stage.lr,
                 "samples_per_s": epoch_samples / max(time.perf_counter() - epoch_start, 1e-9),
@@ -129,14 +146,21 @@ def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
                     )
             improved = metrics.get("val_loss", math.inf) < best
             best = min(best, metrics.get("val_loss", math.inf))
-            metrics["best_val_loss"] = best if math.isfinite(best) else None
-            save = last or epoch % checkpoint_freq == 0 or "val_loss" in metrics
-            _report(stage, ctx, cfg, metrics, save, improved, periodic=epoch % checkpoint_freq == 0)
+            metrics["best_val_loss"] = _finite(best)
+            periodic = not stopped and epoch % checkpoint_freq == 0
+            save = last or periodic or "val_loss" in metrics
+            aliases = (["best"] if improved else []) + ([f"epoch_{epoch:04d}"] if periodic else [])
+            _report(stage, ctx, cfg, metrics, save, aliases)
     finally:
         writer.close()
         if ctx.is_main:
-            ctx.publish(ctx.run_dir / "tensorboard")
+            ctx.checkpoints.publish_logs(ctx.run_dir / "tensorboard")
+            ctx.checkpoints.close()  # every upload done before the run counts as finished
     return metrics
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _log_progress(
@@ -166,27 +190,21 @@ def _log_progress(
         )
 
 
-def _report(stage, ctx: RunContext, cfg, metrics: dict, save: bool, improved: bool, periodic: bool) -> None:
-    if not (save and ctx.is_main):
-        ctx.report(metrics, None)
-        return
-    payload = stage.checkpoint()
-    meta = {
-        **payload.pop("meta"),
-        "epoch": metrics["epoch"],
-        "step": metrics["step"],
-        "best_val_loss": metrics.get("best_val_loss"),
-        "val_loss": metrics.get("val_loss"),
-    }
-    named = ctx.run_dir / "checkpoints"
-    latest = save_checkpoint(named / "latest", config=cfg, meta=meta, **payload)
-    ctx.publish(latest)
-    if improved:
-        ctx.publish(copy_checkpoint(latest, named / "best"))
-    if periodic:
-        ctx.publish(copy_checkpoint(latest, named / f"epoch_{metrics['epoch']:04d}"))
-    ctx.publish(ctx.run_dir / "tensorboard")
-    ctx.report(metrics, latest)
+def _report(stage, ctx: RunContext, cfg, metrics: dict, save: bool, aliases: list[str]) -> None:
+    """Every worker reports ``metrics``; with ``save``, rank 0 first saves ``latest`` (and ``aliases``)."""
+    if save and ctx.is_main:
+        payload = stage.checkpoint()
+        meta = {
+            **payload.pop("meta"),
+            "epoch": metrics["epoch"],
+            "step": metrics["step"],
+            "epoch_step": metrics.get("epoch_step", 0),
+            "best_val_loss": metrics.get("best_val_loss"),
+            "val_loss": metrics.get("val_loss"),
+        }
+        ctx.checkpoints.save(aliases, config=cfg, meta=meta, **payload)
+        ctx.checkpoints.publish_logs(ctx.run_dir / "tensorboard")
+    ctx.report(metrics)
 
 
 def _diverged(ctx: RunContext, epoch: int, step: int, loss: float) -> dict:
@@ -198,5 +216,5 @@ def _diverged(ctx: RunContext, epoch: int, step: int, loss: float) -> dict:
             step + 1,
             epoch + 1,
         )
-    ctx.report(metrics, None)
+    ctx.report(metrics)
     return metrics
