@@ -149,9 +149,12 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_demo(output: str | Path, cache: str | Path, overrides: Sequence[str] = ()) -> dict[str, str]:
-    """The pipeline on the example CT crops with the tiny configs; returns where each result went."""
+def run_demo(
+    output: str | Path, cache: str | Path, overrides: Sequence[str] = (), **pipeline
+) -> dict[str, str]:
+    """The pipeline on the example CT crops with the tiny configs; returns where each result went.
+    ``pipeline`` keywords (workers, gpus_per_worker) go to `run_pipeline`."""
     output = storage.resolve(output)  # a local folder made absolute, or an s3:// URL unchanged
     train_csv, val_csv, masks = example_data(output, cache)
     print(f"[demo] 12 real CT crops (64x64x32, with organ masks) in {storage.join(output, 'data')}")
-    return run_pipeline(train_csv, val_csv, masks, output, overrides=overrides)
+    return run_pipeline(train_csv, val_csv, masks, output, overrides=overrides, **pipeline)

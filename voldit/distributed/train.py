@@ -298,6 +298,9 @@ def train(
             num_workers=workers,
             use_gpu=gpus_per_worker > 0,
             resources_per_worker={"CPU": 1, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
+            # GPU workers pack onto few nodes (NVLink between them); CPU workers spread over nodes, where
+            # packed they would share one node's cores.
+            placement_strategy="PACK" if gpus_per_worker else "SPREAD",
         ),
         run_config=ray.train.RunConfig(
             name=name,

@@ -1,0 +1,197 @@
+"""Every verb through `ray job submit` on the multi-node test cluster (tests/multinode.py), with S3 for
+all data and outputs: the pipeline (VQ-GAN, encode, VolDiT, samples, TGCA, synthesis), a sweep, and
+the faults a real cluster has: a worker node lost in the middle of training and of synthesis."""
+
+import json
+import re
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+QUIET = ["training.log_every_n_steps=1000"]
+
+
+def _keys(fs, prefix: str) -> list[str]:
+    fs.invalidate_cache()
+    return list(fs.find(prefix))
+
+
+def _no_half_written(fs, bucket: str) -> None:
+    """Nothing under a temporary name, and every checkpoint folder complete (meta.json present)."""
+    keys = _keys(fs, bucket)
+    hidden = [k for k in keys if any(part.startswith(".") for part in k.split("/")[1:])]
+    assert not hidden, hidden[:5]
+    folders = {k.rsplit("/", 1)[0] for k in keys if "/checkpoints/" in k}
+    incomplete = [f for f in folders if f.count("/checkpoints/") and f"{f}/meta.json" not in keys]
+    assert not incomplete, incomplete[:5]
+
+
+def _nodes_of(cluster, class_part: str, job_id: str | None = None) -> set[str]:
+    """The nodes on which actors whose class name contains ``class_part`` ran (alive or dead)."""
+    actors = cluster._api("/api/v0/actors?limit=10000&detail=true")["data"]["result"]["result"]
+    return {
+        a["node_id"]
+        for a in actors
+        if class_part in (a.get("class_name") or "") and (job_id is None or a.get("job_id") == job_id)
+    }
+
+
+def _job_id(output: str) -> str:
+    match = re.search(r"Job '(raysubmit_\w+)'", output)
+    assert match, output[-2000:]
+    return match.group(1)
+
+
+def _submit_in_background(cluster, args: list, timeout: float = 1200):
+    """A job submitted from a thread (so the test can act while it runs); its result lands in the dict."""
+    result: dict = {}
+
+    def run():
+        result["code"], result["output"] = cluster.submit(args, timeout=timeout)
+
+    job = threading.Thread(target=run, daemon=True)
+    job.start()
+    return job, result
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(cluster, s3_server):
+    """The whole pipeline as one cluster job on the example CT, every path in S3, 2 workers per step."""
+    bucket = s3_server["bucket_for"]("pipeline")
+    out = f"s3://{bucket}/run"
+    began = time.time()
+    code, output = cluster.submit(
+        ["jobs/pipeline.py", "--example-data", "--cache", ROOT / ".cache" / "examples", "--output", out,
+         "--workers", "2", "--set", "training.n_epochs=2", *QUIET],
+        timeout=1500,
+    )  # fmt: skip
+    print(f"pipeline job on the cluster: {time.time() - began:.0f} s")
+    assert code == 0 and "succeeded" in output, output[-6000:]
+    return {"bucket": bucket, "out": out, "job": _job_id(output)}
+
+
+def test_pipeline_job_on_a_multi_node_cluster_with_s3(
+    pipeline_run, cluster, s3_server, monkeypatch, tmp_path
+):
+    from voldit.builders import model_from_checkpoint
+    from voldit.checkpoint import load_checkpoint
+
+    fs, out = s3_server["fs"], pipeline_run["out"]
+    inner = out[len("s3://") :]
+    manifest = pd.read_csv(fs.open(f"{inner}/synthetic/manifest.csv"), dtype=str, keep_default_na=False)
+    assert len(manifest) == 12 and (manifest["status"] == "ok").all(), manifest[["id", "error"]]
+    keys = _keys(fs, inner)
+    for folder, suffix in (("volumes", ".nii.gz"), ("previews", ".png"), ("records", ".json")):
+        names = [k for k in keys if k.startswith(f"{inner}/synthetic/{folder}/")]
+        assert len(names) == len(set(names)) == 12 and all(n.endswith(suffix) for n in names), folder
+    assert len([k for k in keys if k.startswith(f"{inner}/samples/") and k.endswith(".nii.gz")]) == 4
+    _no_half_written(fs, pipeline_run["bucket"])
+    # The driver (this process, with a cache of its own) loads every stage's checkpoint from the bucket.
+    monkeypatch.setenv("VOLDIT_CACHE", str(tmp_path / "cache"))
+    for name, value in s3_server["env"].items():
+        monkeypatch.setenv(name, value)
+    for stage in ("vqgan", "dit", "tgca"):
+        checkpoint = load_checkpoint(f"{out}/runs/{stage}/checkpoints/best", stage=stage)
+        model_from_checkpoint(checkpoint)
+    # Two train workers per stage, on two nodes; synthesis actors on the worker nodes.
+    assert len(_nodes_of(cluster, "RayTrainWorker", pipeline_run["job"])) >= 2
+
+
+def test_local_storage_is_refused_on_a_multi_node_cluster(pipeline_run, cluster):
+    began = time.time()
+    code, output = cluster.submit(
+        ["jobs/train.py", "configs/tiny/dit.yaml", "--stage", "dit", "--train",
+         f"{pipeline_run['out']}/latents/train", "--storage", "outputs/runs", "--name", "refused"],
+        timeout=300,
+    )  # fmt: skip
+    assert code != 0
+    assert "is a local folder, but the Ray cluster has" in output and "--shared-dir" in output, output[-3000:]
+    assert "Traceback" not in output
+    print(
+        f"refused in {time.time() - began:.0f} s: {[line for line in output.splitlines() if 'error' in line]}"
+    )
+
+
+def test_training_survives_a_lost_node(pipeline_run, cluster, s3_server):
+    """Kill a worker node in the middle of a 2-worker run with --max-failures 1: the run restarts from
+    its last (mid-epoch) checkpoint in the bucket and finishes with the full step count."""
+    fs, out = s3_server["fs"], pipeline_run["out"]
+    storage = f"s3://{pipeline_run['bucket']}/fault-runs"
+    latest = f"{storage[5:]}/ddp/checkpoints/latest/meta.json"
+    job, result = _submit_in_background(
+        cluster,
+        ["jobs/train.py", "configs/tiny/dit.yaml", "--stage", "dit", "--train", f"{out}/latents/train",
+         "--val", f"{out}/latents/val", "--storage", storage, "--name", "ddp", "--workers", "2",
+         "--max-failures", "1", "--set", "training.n_epochs=4", "training.checkpoint_every_steps=1",
+         "training.eval_freq=2", *QUIET],
+    )  # fmt: skip
+    deadline = time.time() + 900
+    while not fs.exists(latest) and job.is_alive() and time.time() < deadline:
+        time.sleep(1)
+        fs.invalidate_cache()
+    assert fs.exists(latest), result.get("output", "")[-4000:]
+    victim = next(name for name in cluster.nodes if name != "head")
+    cluster.kill_node(victim)
+    print(f"killed node {victim} after the checkpoint of step {json.loads(fs.cat(latest))['step']}")
+    cluster.add_node(f"{victim}r")  # the autoscaler's replacement
+    job.join(timeout=1200)
+    assert result.get("code") == 0, result.get("output", "")[-6000:]
+    meta = json.loads(fs.cat(latest))
+    assert (meta["epoch"], meta["step"]) == (4, 8)  # 10 rows / 2 workers / batch 2 = 2 steps per epoch
+    _no_half_written(fs, pipeline_run["bucket"])
+
+
+def test_synthesis_survives_a_lost_node_and_a_rerun_writes_only_the_missing_rows(
+    pipeline_run, cluster, s3_server
+):
+    fs, out = s3_server["fs"], pipeline_run["out"]
+    target = f"s3://{pipeline_run['bucket']}/fault-synthetic"
+    args = ["jobs/synthesize.py", "--csv", f"{out}/data/masks.csv", "--tgca", f"{out}/runs/tgca/checkpoints/best",
+            "--output", target, "--workers", "2", "--batch-size", "1", "--steps", "20", "--sampler", "ddim"]  # fmt: skip
+    records = f"{target[5:]}/records"
+    job, result = _submit_in_background(cluster, args)
+    deadline = time.time() + 600
+    while job.is_alive() and time.time() < deadline:
+        fs.invalidate_cache()
+        if fs.exists(records) and len(fs.ls(records)) >= 3:
+            break
+        time.sleep(1)
+    victim = next(name for name in cluster.nodes if name != "head")
+    cluster.kill_node(victim)
+    cluster.add_node(f"{victim}r")
+    job.join(timeout=900)
+    print(f"first synthesis job after losing {victim}: exit {result.get('code')}")
+    fs.invalidate_cache()
+    before = {k: fs.info(k)["LastModified"] for k in _keys(fs, f"{target[5:]}/volumes")}
+    assert before  # the rows finished before the node died are kept
+    code, output = cluster.submit(args, timeout=900)
+    assert code == 0 and "succeeded" in output, output[-6000:]
+    fs.invalidate_cache()
+    after = {k: fs.info(k)["LastModified"] for k in _keys(fs, f"{target[5:]}/volumes")}
+    assert len(after) == 12 and all(after[k] == v for k, v in before.items())  # only the missing rows
+    manifest = pd.read_csv(fs.open(f"{target[5:]}/manifest.csv"), dtype=str, keep_default_na=False)
+    assert len(manifest) == 12 and (manifest["status"] == "ok").all(), manifest[["id", "error"]]
+    _no_half_written(fs, pipeline_run["bucket"])
+    assert len(_nodes_of(cluster, "Synthesizer", _job_id(output))) >= 1
+
+
+def test_sweep_job_on_the_cluster(pipeline_run, cluster, s3_server):
+    out = pipeline_run["out"]
+    storage = f"s3://{pipeline_run['bucket']}/sweeps"
+    code, output = cluster.submit(
+        ["jobs/sweep.py", "configs/tiny/dit.yaml", "--train", f"{out}/latents/train", "--val", f"{out}/latents/val",
+         "--models", "xs4", "--grid", "optim.lr=1e-4,1e-3", "--storage", storage, "--name", "sw",
+         "--set", "training.n_epochs=2", *QUIET],
+        timeout=1200,
+    )  # fmt: skip
+    assert code == 0 and "succeeded" in output, output[-6000:]
+    fs = s3_server["fs"]
+    table = pd.read_csv(fs.open(f"{storage[5:]}/sw/results.csv"))
+    assert len(table) == 2 and table["best_val_loss"].notna().all(), table
+    assert fs.exists(f"{storage[5:]}/sw/trials")
