@@ -215,6 +215,7 @@ def _sweep(args: argparse.Namespace) -> int:
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,
         max_concurrent=args.max_concurrent,
+        max_failures=args.max_failures,
         grace_period=args.grace_period,
         address=args.address,
     )
@@ -526,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--workers", type=int, default=1, help="DDP workers per trial")
     sw.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker of each trial")
     sw.add_argument("--max-concurrent", type=int, default=0, help="trials at once (0: as resources allow)")
+    sw.add_argument("--max-failures", type=int, default=1, help="worker failures to recover from, per trial")
     sw.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     sw.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
     _cluster_flags(sw)
