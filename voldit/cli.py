@@ -188,9 +188,12 @@ def _train(args: argparse.Namespace) -> int:
         f"trained {args.stage} to epoch {result.metrics.get('epoch')}, step {result.metrics.get('step')}; "
         f"validation loss {result.metrics.get('val_loss')}"
     )
+    from voldit import storage
+
+    run = result.remote_run_dir or result.run_dir
     print(
-        f"checkpoints: {result.run_dir / 'checkpoints'} (latest, best, epoch_NNNN); "
-        f"TensorBoard: tensorboard --logdir {result.run_dir / 'tensorboard'}"
+        f"checkpoints: {storage.join(run, 'checkpoints')} (latest, best, epoch_NNNN); "
+        f"TensorBoard: tensorboard --logdir {storage.join(run, 'tensorboard')}"
     )
     return 0
 
@@ -242,7 +245,9 @@ def _pipeline(args: argparse.Namespace) -> int:
     from voldit.demo import run_demo, run_pipeline
 
     if args.example_data:
-        run_demo(args.output, args.cache, overrides=args.set)
+        run_demo(
+            args.output, args.cache, args.set, workers=args.workers, gpus_per_worker=args.gpus_per_worker
+        )
         return 0
     if not (args.train and args.val and args.masks):
         raise ConfigError("give --train, --val and --masks (CSV files), or --example-data")

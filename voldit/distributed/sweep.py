@@ -25,7 +25,7 @@ from ray.util.placement_group import remove_placement_group
 
 from voldit import storage as storage_lib
 from voldit.config import ConfigError, load_config
-from voldit.distributed.runtime import ensure_ray, require_gpus
+from voldit.distributed.runtime import ensure_ray, require_gpus, require_shared_storage
 from voldit.models.dit import DIT_MODELS
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,7 @@ def sweep(
         raise ConfigError("a sweep runs each trial's TorchTrainer with at least one worker (--workers 1)")
     # Locally: the trial's driver, its workers and Ray Data's read tasks each need a CPU.
     ensure_ray(address, num_cpus=max(os.cpu_count() or 1, workers + 3))
+    require_shared_storage({"--storage": storage})
     require_gpus(gpus_per_worker, workers)
     by_name = {t["name"]: t for t in trials}
     tune_storage = _tune_storage(storage_path)
