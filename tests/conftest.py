@@ -184,6 +184,84 @@ def tiny_tgca_run(crop_latents, tmp_path_factory, ray_session):
     return {"dit": dit.best, "dit_run": dit.run_dir, "tgca": tgca.best, "vqgan": crop_latents["vqgan"]}
 
 
+@pytest.fixture(scope="session")
+def s3_server():
+    """One moto S3 server on a free loopback port for the whole test session: ``env``, the variables a
+    process needs to reach it; ``fs``, an fsspec filesystem on it; ``bucket_for(prefix)``, which makes
+    a fresh bucket and returns its name."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    import fsspec
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        env = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "voldit-test-key",
+            "AWS_SECRET_ACCESS_KEY": "voldit-test-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        fs = fsspec.filesystem(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            key=env["AWS_ACCESS_KEY_ID"],
+            secret=env["AWS_SECRET_ACCESS_KEY"],
+            skip_instance_cache=True,
+        )
+
+        def bucket_for(prefix: str = "voldit") -> str:
+            bucket = f"{prefix.lower().replace('_', '-')[:40]}-{uuid.uuid4().hex[:8]}"
+            fs.mkdir(bucket)
+            return bucket
+
+        yield {"env": env, "fs": fs, "bucket_for": bucket_for}
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def cluster(s3_server):
+    """A multi-node Ray cluster on this machine for the whole session (tests/multinode.py): a head that
+    runs no work and worker nodes w1, w2 with private local disks, all reaching ``s3_server``."""
+    import time
+
+    from tests.multinode import Cluster
+
+    began = time.time()
+    ray_cluster = Cluster(s3_env=s3_server["env"])
+    try:
+        ray_cluster.start()
+        print(
+            f"\nmulti-node Ray cluster started in {time.time() - began:.0f} s:",
+            *ray_cluster.start_log,
+            sep="\n  ",
+        )
+        yield ray_cluster
+    finally:
+        ray_cluster.stop()
+
+
 def kill_when(command, ready, env, cwd=ROOT, timeout=300):
     """Start ``command`` in its own session, wait until ``ready()`` (or it exits, or ``timeout``), then
     SIGKILL it and every process it started (Ray's own processes leave its process group)."""
