@@ -38,6 +38,9 @@ START_ATTEMPTS = 3
 # once the node is up.
 AGENTS = ("/dashboard/agent.py", "ray::DashboardAgent", "/runtime_env/agent/main.py", "ray::RuntimeEnvAgent")
 AGENT_NICENESS = -15
+# `ray start --head` fails if the dashboard (a process that starts a dozen more) takes over 60 s to come
+# up, which it may on a loaded machine; unlike the agents' limit, this one is a setting.
+START_ENV = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}
 WORKER_PORTS = 200  # worker processes (tasks and actors) a node can run at once; each takes a port
 # Bytes per node; Ray's default, 30% of the machine's memory, would count the machine once per node.
 OBJECT_STORE = 1 << 30
@@ -203,7 +206,7 @@ class Cluster:
         command += ["--disable-usage-stats", *(str(x) for pair in ports.items() for x in pair)]
         process = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", NAMESPACE_SCRIPT, "sh", *command],
-            env={**self.env, **NODE_ENV},
+            env={**self.env, **NODE_ENV, **START_ENV},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -218,7 +221,7 @@ class Cluster:
         return self.nodes[name], process
 
     @staticmethod
-    def _joined(node: Node, process: subprocess.Popen, timeout: float = 180) -> Node:
+    def _joined(node: Node, process: subprocess.Popen, timeout: float = 330) -> Node:
         """Wait for a node's ``ray start`` to finish; meanwhile its agents run at AGENT_NICENESS."""
         deadline = time.time() + timeout
         boosted = set()
@@ -267,12 +270,19 @@ class Cluster:
                 self._used_ports.add(port)
                 return port
 
-    def _api(self, path: str):
+    def _api(self, path: str, attempts: int = 3):
+        """GET a dashboard API; it may be slow to answer on a loaded machine."""
         request = urllib.request.Request(
             self.dashboard_url + path, headers={"Authorization": f"Bearer {self.token}"}
         )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.load(response)
+        for attempt in range(1, attempts + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=20) as response:
+                    return json.load(response)
+            except OSError:
+                if attempt == attempts:
+                    raise
+                time.sleep(1)
 
     def node_states(self) -> list[dict]:
         """Every node the GCS knows, alive or dead: dicts with node_id, node_ip, state, resources_total."""
