@@ -34,9 +34,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     ``address`` (or $RAY_ADDRESS, set inside `ray job submit`) joins that cluster; "auto" joins the one
     started on this machine; otherwise a fresh local Ray is started (never a stale one from /tmp/ray).
     """
+    global _local
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or "local"
+    _local = address == "local"
     kwargs = {"num_cpus": num_cpus} if address == "local" and num_cpus else {}
     ray.init(address=address, log_to_driver=True, **kwargs)
     logging.getLogger("ray.data").setLevel(
@@ -57,6 +59,8 @@ def wait_seconds() -> float:
 
 
 _READONLY_TYPE = re.compile(r"node_[0-9a-f]{56}")  # how Ray names the nodes of a cluster it cannot grow
+_FIRST_REPORT = 15.0  # seconds a cluster's autoscaler may take to write its first report (one iteration)
+_local = False  # this process started its own local Ray: no autoscaler
 
 
 def autoscaler_status() -> dict | None:
@@ -67,7 +71,11 @@ def autoscaler_status() -> dict | None:
     """
     from ray.experimental.internal_kv import _internal_kv_get
 
-    raw = _internal_kv_get(_AUTOSCALER_STATUS)  # autoscaler v1 (the cluster launcher)
+    if _local:
+        return None
+    deadline = time.monotonic() + _FIRST_REPORT
+    while not (raw := _internal_kv_get(_AUTOSCALER_STATUS)) and time.monotonic() < deadline:
+        time.sleep(0.5)  # a cluster started a moment ago: its autoscaler (v1) has not reported yet
     if raw:
         report = json.loads(raw).get("autoscaler_report") or {}
         types = set(report.get("active_nodes") or {}) | set(report.get("pending_launches") or {})
