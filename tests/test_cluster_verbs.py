@@ -3,7 +3,6 @@ all data and outputs: the pipeline (VQ-GAN, encode, VolDiT, samples, TGCA, synth
 the faults a real cluster has: a worker node lost in the middle of training and of synthesis."""
 
 import json
-import re
 import threading
 import time
 
@@ -33,20 +32,11 @@ def _no_half_written(fs, bucket: str) -> None:
     assert not incomplete, incomplete[:5]
 
 
-def _nodes_of(cluster, class_part: str, job_id: str | None = None) -> set[str]:
-    """The nodes on which actors whose class name contains ``class_part`` ran (alive or dead)."""
+def _nodes_of(cluster, class_part: str) -> set[str]:
+    """The nodes on which actors whose class or repr name contains ``class_part`` ran (alive or dead)."""
     actors = cluster._api("/api/v0/actors?limit=10000&detail=true")["data"]["result"]["result"]
-    return {
-        a["node_id"]
-        for a in actors
-        if class_part in (a.get("class_name") or "") and (job_id is None or a.get("job_id") == job_id)
-    }
-
-
-def _job_id(output: str) -> str:
-    match = re.search(r"Job '(raysubmit_\w+)'", output)
-    assert match, output[-2000:]
-    return match.group(1)
+    named = (f"{a.get('class_name')} {a.get('repr_name')}" for a in actors)  # Ray Data's: MapWorker(...)
+    return {a["node_id"] for a, name in zip(actors, named, strict=True) if class_part in name}
 
 
 def _submit_in_background(cluster, args: list, timeout: float = 1200):
@@ -74,7 +64,7 @@ def pipeline_run(cluster, s3_server, examples):
     )  # fmt: skip
     print(f"pipeline job on the cluster: {time.time() - began:.0f} s")
     assert code == 0 and "succeeded" in output, output[-6000:]
-    return {"bucket": bucket, "out": out, "job": _job_id(output)}
+    return {"bucket": bucket, "out": out}
 
 
 def test_pipeline_job_on_a_multi_node_cluster_with_s3(
@@ -101,7 +91,7 @@ def test_pipeline_job_on_a_multi_node_cluster_with_s3(
         checkpoint = load_checkpoint(f"{out}/runs/{stage}/checkpoints/best", stage=stage)
         model_from_checkpoint(checkpoint)
     # Two train workers per stage, on two nodes; synthesis actors on the worker nodes.
-    assert len(_nodes_of(cluster, "RayTrainWorker", pipeline_run["job"])) >= 2
+    assert len(_nodes_of(cluster, "RayTrainWorker")) >= 2
 
 
 def test_sample_takes_a_checkpoint_and_an_output_in_s3(pipeline_run, s3_server, tmp_path):
@@ -198,7 +188,7 @@ def test_synthesis_survives_a_lost_node_and_a_rerun_writes_only_the_missing_rows
     manifest = pd.read_csv(fs.open(f"{target[5:]}/manifest.csv"), dtype=str, keep_default_na=False)
     assert len(manifest) == 12 and (manifest["status"] == "ok").all(), manifest[["id", "error"]]
     _no_half_written(fs, pipeline_run["bucket"])
-    assert len(_nodes_of(cluster, "Synthesizer", _job_id(output))) >= 1
+    assert len(_nodes_of(cluster, "Synthesizer")) >= 2  # actors on both worker nodes, over the two jobs
 
 
 def test_sweep_job_on_the_cluster(pipeline_run, cluster, s3_server):
