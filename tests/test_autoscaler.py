@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.multinode import _set_niceness
 
 pytestmark = pytest.mark.slow
 
@@ -85,19 +86,6 @@ def _naming(folder: str) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return found
-
-
-def _set_niceness(pid: int, niceness: int) -> None:
-    """Every thread of the process (Linux keeps a niceness per thread)."""
-    try:
-        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
-    except OSError:
-        return
-    for tid in threads:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, niceness)
-        except OSError:
-            pass
 
 
 class Head:

@@ -149,7 +149,7 @@ def test_training_survives_a_lost_node(pipeline_run, cluster, s3_server):
     victim = next(name for name in cluster.nodes if name != "head")
     cluster.kill_node(victim)
     print(f"killed node {victim} after the checkpoint of step {json.loads(fs.cat(latest))['step']}")
-    cluster.add_node(f"{victim}r")  # the autoscaler's replacement
+    cluster.add_node(victim)  # the autoscaler's replacement (same name: later tests pin work to it)
     job.join(timeout=1200)
     assert result.get("code") == 0, result.get("output", "")[-6000:]
     meta = json.loads(fs.cat(latest))
@@ -174,7 +174,7 @@ def test_synthesis_survives_a_lost_node_and_a_rerun_writes_only_the_missing_rows
         time.sleep(1)
     victim = next(name for name in cluster.nodes if name != "head")
     cluster.kill_node(victim)
-    cluster.add_node(f"{victim}r")
+    cluster.add_node(victim)
     job.join(timeout=900)
     print(f"first synthesis job after losing {victim}: exit {result.get('code')}")
     fs.invalidate_cache()
@@ -196,12 +196,12 @@ def test_sweep_job_on_the_cluster(pipeline_run, cluster, s3_server):
     storage = f"s3://{pipeline_run['bucket']}/sweeps"
     code, output = cluster.submit(
         ["jobs/sweep.py", "configs/tiny/dit.yaml", "--train", f"{out}/latents/train", "--val", f"{out}/latents/val",
-         "--models", "xs4", "--grid", "optim.lr=1e-4,1e-3", "--storage", storage, "--name", "sw",
+         "--models", "xs4", "--grid", "optim.lr=1e-3", "--storage", storage, "--name", "sw",
          "--set", "training.n_epochs=1", *QUIET],
         timeout=1200,
     )  # fmt: skip
     assert code == 0 and "succeeded" in output, output[-6000:]
     fs = s3_server["fs"]
     table = pd.read_csv(fs.open(f"{storage[5:]}/sw/results.csv"))
-    assert len(table) == 2 and table["best_val_loss"].notna().all(), table
+    assert len(table) == 1 and table["best_val_loss"].notna().all(), table
     assert fs.exists(f"{storage[5:]}/sw/trials")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -28,46 +29,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on a free loopback port, with one bucket; the environment a voldit process needs."""
-    import fsspec
-
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def s3(s3_server, tmp_path_factory):
+    """The session's moto S3 server with this module's bucket; the environment a voldit process needs."""
     env = {
         **os.environ,
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "voldit-test-key",
-        "AWS_SECRET_ACCESS_KEY": "voldit-test-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
+        **s3_server["env"],
         "VOLDIT_CACHE": str(tmp_path_factory.mktemp("cache")),
         "RAY_ADDRESS": "local",
     }
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                server.kill()
-                raise
-            time.sleep(0.2)
-    fs = fsspec.filesystem(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        key=env["AWS_ACCESS_KEY_ID"],
-        secret=env["AWS_SECRET_ACCESS_KEY"],
-        skip_instance_cache=True,
-    )
-    fs.mkdir(BUCKET)
-    yield {"env": env, "fs": fs}
-    server.terminate()
-    server.wait(timeout=30)
+    fs = s3_server["fs"]
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+    return {"env": env, "fs": fs}
 
 
 def _voldit(env, *args, expect=0, timeout=600):
@@ -145,6 +118,11 @@ def test_encode_train_and_synthesize_against_s3(s3, crops, tmp_path):
     assert volume.shape == mask.shape and np.allclose(volume.affine, mask.affine, atol=1e-5)
     again = _voldit(env, *args, "--sampler", "ddim", "--steps", "3")  # resumes from the bucket's records
     assert "6 already done" in again.stdout
+    # Local staging is gone once uploaded: no checkpoint of the runs, no row's files of the synthesis.
+    cache = Path(env["VOLDIT_CACHE"])
+    assert not list((cache / "runs").rglob("meta.json"))
+    staged = [p for sub in ("volumes", "previews", "records") for p in cache.glob(f"synthesize/*/{sub}/*")]
+    assert not staged, staged[:5]
 
     # A run continued on another machine (no local staging) resumes from the bucket's latest checkpoint.
     elsewhere = {**env, "VOLDIT_CACHE": str(tmp_path / "other-machine")}
