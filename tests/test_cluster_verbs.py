@@ -6,19 +6,30 @@ import json
 import threading
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from tests.conftest import ROOT
+from tests.multinode import NODE_ENV
 
 pytestmark = pytest.mark.slow
 
 QUIET = ["training.log_every_n_steps=1000"]
+NODE_CACHE = NODE_ENV["VOLDIT_CACHE"]  # every node's own cache (a tmpfs of its own)
 
 
 def _keys(fs, prefix: str) -> list[str]:
     fs.invalidate_cache()
     return list(fs.find(prefix))
+
+
+def _nifti(fs, url: str):
+    import gzip
+
+    import nibabel as nib
+
+    return nib.Nifti1Image.from_bytes(gzip.decompress(fs.cat(url[len("s3://") :])))
 
 
 def _no_half_written(fs, bucket: str) -> None:
@@ -90,8 +101,28 @@ def test_pipeline_job_on_a_multi_node_cluster_with_s3(
     for stage in ("vqgan", "dit", "tgca"):
         checkpoint = load_checkpoint(f"{out}/runs/{stage}/checkpoints/best", stage=stage)
         model_from_checkpoint(checkpoint)
-    # Two train workers per stage, on two nodes; synthesis actors on the worker nodes.
+    # Two train workers per stage, on two nodes: one epoch of 10 rows is 2 steps of batch 2 on each.
     assert len(_nodes_of(cluster, "RayTrainWorker")) >= 2
+    for stage in ("vqgan", "dit", "tgca"):
+        meta = json.loads(fs.cat(f"{inner}/runs/{stage}/checkpoints/latest/meta.json"))
+        assert (meta["epoch"], meta["step"]) == (1, 2), (stage, meta)
+        assert fs.glob(f"{inner}/runs/{stage}/tensorboard/events.out.tfevents.*"), stage
+    # A synthetic volume lies on its mask's grid; no secret is written with the outputs.
+    row = manifest.iloc[0]
+    volume, mask = (_nifti(fs, url) for url in (row["output"], row["mask"]))
+    assert volume.shape == mask.shape and np.allclose(volume.affine, mask.affine, atol=1e-5)
+    written = fs.cat(f"{inner}/synthetic/run.json") + fs.cat(
+        f"{inner}/runs/tgca/checkpoints/best/config.yaml"
+    )
+    assert s3_server["env"]["AWS_SECRET_ACCESS_KEY"].encode() not in written
+    # Nothing stays staged on any node once uploaded: no checkpoint of the runs, no row's files.
+    for node in cluster.nodes.values():
+        cache = node.view(NODE_CACHE)
+        staged = list(cache.glob("runs/**/meta.json"))
+        staged += [
+            p for sub in ("volumes", "previews", "records") for p in cache.glob(f"synthesize/*/{sub}/*")
+        ]
+        assert not staged, (node.name, staged[:5])
 
 
 def test_sample_takes_a_checkpoint_and_an_output_in_s3(pipeline_run, s3_server, tmp_path):
@@ -197,7 +228,7 @@ def test_sweep_job_on_the_cluster(pipeline_run, cluster, s3_server):
     code, output = cluster.submit(
         ["jobs/sweep.py", "configs/tiny/dit.yaml", "--train", f"{out}/latents/train", "--val", f"{out}/latents/val",
          "--models", "xs4", "--grid", "optim.lr=1e-3", "--storage", storage, "--name", "sw",
-         "--set", "training.n_epochs=1", *QUIET],
+         "--set", "training.n_epochs=1", "dit.params.depth=1", *QUIET],
         timeout=1200,
     )  # fmt: skip
     assert code == 0 and "succeeded" in output, output[-6000:]

@@ -1,8 +1,7 @@
-"""S3 storage against a real S3-compatible server on loopback (moto in server mode, started here):
-encode, train and synthesize read and write s3:// paths; bad endpoints, credentials and buckets fail
-before any work."""
+"""S3 storage against a real S3-compatible server on loopback (the session's moto server): bad
+endpoints, credentials and buckets fail before any work; cached keys stay in the cache; evaluate reads a
+synthesize folder in S3. (Every verb reading and writing S3 end to end, on a cluster: test_cluster_verbs.)"""
 
-import io
 import json
 import os
 import socket
@@ -10,10 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -54,88 +50,6 @@ def _voldit(env, *args, expect=0, timeout=600):
     )
     assert result.returncode == expect, result.stdout[-3000:] + result.stderr[-3000:]
     return result
-
-
-def _upload_csv(fs, key, header, rows):
-    with fs.open(f"{BUCKET}/{key}", "w") as f:
-        f.write(header + "\n" + "\n".join(",".join(r) for r in rows) + "\n")
-    return f"s3://{BUCKET}/{key}"
-
-
-@pytest.mark.slow
-def test_encode_train_and_synthesize_against_s3(s3, crops, tmp_path):
-    fs, env = s3["fs"], s3["env"]
-    urls = []
-    for image, mask in crops["rows"][:6]:
-        pair = []
-        for path in (image, mask):
-            fs.put_file(str(path), f"{BUCKET}/data/{path.name}")
-            pair.append(f"s3://{BUCKET}/data/{path.name}")
-        urls.append(pair)
-    train = _upload_csv(fs, "ids/train.csv", "image,mask", urls[:4])
-    val = _upload_csv(fs, "ids/val.csv", "image,mask", urls[4:])
-    runs = f"s3://{BUCKET}/runs"
-    short = ["training.n_epochs=1", "training.eval_freq=1", "training.log_every_n_steps=1000"]
-    tiny = ROOT / "configs" / "tiny"
-
-    _voldit(env, "train", tiny / "vqgan.yaml", *short, "--stage", "vqgan", "--train", train, "--val", val,
-            "--storage", runs, "--name", "vq", "--workers", "0")  # fmt: skip
-    for name in ("latest", "best", "epoch_0001"):
-        assert fs.exists(f"{BUCKET}/runs/vq/checkpoints/{name}/meta.json")
-        assert fs.exists(f"{BUCKET}/runs/vq/checkpoints/{name}/model.safetensors")
-    assert fs.glob(f"{BUCKET}/runs/vq/tensorboard/events.out.tfevents.*")
-
-    vq = f"{runs}/vq/checkpoints/best"
-    for split, csv in (("train", train), ("val", val)):
-        _voldit(env, "encode", "--csv", csv, "--vqgan", vq, "--output", f"s3://{BUCKET}/latents/{split}",
-                "--condition-keys", "mask")  # fmt: skip
-    assert fs.glob(f"{BUCKET}/latents/train/part-*.parquet")
-    info = pd.read_json(io.BytesIO(fs.cat(f"{BUCKET}/latents/train/dataset.json")), typ="series")
-    assert info["rows"] == 4 and info["vqgan_checkpoint"] == vq
-
-    latents = [f"s3://{BUCKET}/latents/train", "--val", f"s3://{BUCKET}/latents/val"]
-    _voldit(env, "train", tiny / "dit.yaml", *short, "--stage", "dit", "--train", *latents, "--storage", runs,
-            "--name", "dit", "--workers", "0")  # fmt: skip
-    _voldit(env, "train", tiny / "tgca.yaml", *short, "--stage", "tgca", "--dit", f"{runs}/dit/checkpoints/best",
-            "--train", *latents, "--storage", runs, "--name", "tgca", "--workers", "0")  # fmt: skip
-    assert fs.exists(f"{BUCKET}/runs/tgca/checkpoints/best/meta.json")
-
-    masks = _upload_csv(fs, "ids/masks.csv", "id,mask", [(f"m{k}", m) for k, (_, m) in enumerate(urls)])
-    out = f"s3://{BUCKET}/synthetic"
-    args = ["synthesize", "--csv", masks, "--tgca", f"{runs}/tgca/checkpoints/best", "--output", out]
-    args.append("--allow-unseen-labels")  # two masks come from the validation crops
-    _voldit(env, *args, "--sampler", "ddim", "--steps", "3")
-    volumes = sorted(fs.glob(f"{BUCKET}/synthetic/volumes/*.nii.gz"))
-    assert [v.rsplit("/", 1)[1] for v in volumes] == [f"m{k}.nii.gz" for k in range(6)]
-    for name in ("manifest.csv", "contact_sheet.png", "run.json"):
-        assert fs.exists(f"{BUCKET}/synthetic/{name}")
-    assert len(fs.glob(f"{BUCKET}/synthetic/previews/*.png")) == 6
-    manifest = pd.read_csv(io.BytesIO(fs.cat(f"{BUCKET}/synthetic/manifest.csv")), keep_default_na=False)
-    assert set(manifest["status"]) == {"ok"}
-    assert manifest["output"][0] == f"{out}/volumes/m0.nii.gz"
-    volume = nib.Nifti1Image.from_bytes(__import__("gzip").decompress(fs.cat(volumes[0])))
-    mask = nib.load(crops["rows"][0][1])
-    assert volume.shape == mask.shape and np.allclose(volume.affine, mask.affine, atol=1e-5)
-    again = _voldit(env, *args, "--sampler", "ddim", "--steps", "3")  # resumes from the bucket's records
-    assert "6 already done" in again.stdout
-    # Local staging is gone once uploaded: no checkpoint of the runs, no row's files of the synthesis.
-    cache = Path(env["VOLDIT_CACHE"])
-    assert not list((cache / "runs").rglob("meta.json"))
-    staged = [p for sub in ("volumes", "previews", "records") for p in cache.glob(f"synthesize/*/{sub}/*")]
-    assert not staged, staged[:5]
-
-    # A run continued on another machine (no local staging) resumes from the bucket's latest checkpoint.
-    elsewhere = {**env, "VOLDIT_CACHE": str(tmp_path / "other-machine")}
-    more = [a if a != "training.n_epochs=1" else "training.n_epochs=2" for a in short]
-    resumed = _voldit(elsewhere, "train", tiny / "dit.yaml", *more, "--stage", "dit", "--train", *latents,
-                      "--storage", runs, "--name", "dit", "--workers", "0")  # fmt: skip
-    assert "at epoch 1" in resumed.stderr
-    latest = json.loads(fs.cat(f"{BUCKET}/runs/dit/checkpoints/latest/meta.json"))
-    assert latest["epoch"] == 2 and fs.exists(f"{BUCKET}/runs/dit/checkpoints/epoch_0002/meta.json")
-    assert not (set(env) & {"AWS_SECRET_ACCESS_KEY"}) or env["AWS_SECRET_ACCESS_KEY"] not in (
-        fs.cat(f"{BUCKET}/synthetic/run.json").decode()
-        + fs.cat(f"{BUCKET}/runs/tgca/checkpoints/best/config.yaml").decode()
-    )
 
 
 def test_bad_s3_settings_fail_before_any_work(s3, tmp_path):

@@ -1,11 +1,13 @@
 """`voldit sweep`: Ray Tune over VolDiT sizes, one TorchTrainer per trial, ASHA, a results table."""
 
 import contextlib
+import io
 import json
 import signal
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from tests.conftest import CONFIGS
 from voldit.checkpoint import load_checkpoint
@@ -44,8 +46,6 @@ def test_models_and_grids_are_parsed_and_expanded():
         model_name("XL/2")
     grid = parse_grid(["optim.lr=1e-4,3e-4", "training.batch_size=2"])
     assert grid == {"optim.lr": [1e-4, 3e-4], "training.batch_size": [2]}
-    from omegaconf import OmegaConf
-
     from voldit.config import load_config
 
     base = OmegaConf.to_container(load_config(CONFIGS / "tiny" / "dit.yaml"), resolve=True)
@@ -61,6 +61,20 @@ def test_models_and_grids_are_parsed_and_expanded():
     assert s4["optim"]["lr"] == 3e-4 and s4["training"]["eval_freq"] == 1
 
 
+def test_the_results_table_counts_each_models_parameters_and_tokens():
+    from voldit.cli import describe
+    from voldit.config import load_config
+
+    base = OmegaConf.to_container(load_config(CONFIGS / "tiny" / "dit.yaml"), resolve=True)
+    xs2, xs4 = (
+        describe(load_config(t["config"])) for t in trial_configs(base, ["VolDiT-XS/2", "VolDiT-XS/4"], {})
+    )
+    # Golden counts: XS/4 has 56 more voxels per patch than XS/2, in its patch embedding (8 channels
+    # x 384) and in its output layer (385 x 8 channels): 56 x 6152 = 344,512 more parameters.
+    assert (xs2["trainable_parameters"], xs4["trainable_parameters"]) == (16_551_616, 16_896_128)
+    assert (xs2["tokens"], xs4["tokens"]) == (32, 4)  # the tiny latents: 4 channels x 8 x 8 x 4
+
+
 def test_concurrent_trials_fit_the_free_resources():
     # A trial: 0.5 CPU for its driver, 1 CPU per worker; one CPU stays free for Ray Data.
     assert concurrent_trials({"CPU": 4.0}, workers=1) == 2
@@ -71,42 +85,6 @@ def test_concurrent_trials_fit_the_free_resources():
     assert concurrent_trials({"CPU": 4.0}, workers=1, asked=8) == 2  # never more than fit
     assert concurrent_trials({"CPU": 1.0}, workers=1) == 1  # one at least: it waits, but alone
     assert concurrent_trials({"CPU": 16.0}, workers=1, gpus_per_worker=1.0) == 1
-
-
-@pytest.mark.slow
-def test_two_by_two_sweep_on_cpu(crop_latents, tmp_path, ray_session, capsys):
-    from voldit.cli import main
-
-    args = [
-        "sweep",
-        str(CONFIGS / "tiny" / "dit.yaml"),
-        "training.n_epochs=2",
-        "training.log_every_n_steps=1000",
-    ]
-    args += ["--train", str(crop_latents["train"]), "--val", str(crop_latents["val"])]
-    args += ["--models", "XS/2", "XS/4", "--grid", "optim.lr=1e-4,1e-3", "--storage", str(tmp_path)]
-    args += ["--max-concurrent", "1"]
-    with deadline(600):
-        assert main(args) == 0
-    out = capsys.readouterr().out
-    table = pd.read_csv(tmp_path / "sweep" / "results.csv", keep_default_na=False)
-    assert sorted(table["trial"]) == ["xs2_lr=0.0001", "xs2_lr=0.001", "xs4_lr=0.0001", "xs4_lr=0.001"]
-    # Golden counts: XS/4 has 56 more voxels per patch than XS/2, in its patch embedding (8 channels
-    # x 384) and in its output layer (385 x 8 channels): 56 x 6152 = 344,512 more parameters.
-    assert dict(zip(table["trial"], table["parameters"], strict=True)) == {
-        "xs2_lr=0.0001": 16_551_616,
-        "xs2_lr=0.001": 16_551_616,
-        "xs4_lr=0.0001": 16_896_128,
-        "xs4_lr=0.001": 16_896_128,
-    }
-    assert (table["error"] == "").all()
-    assert table["best_val_loss"].is_monotonic_increasing  # sorted, best first
-    assert (table["tokens"] == [32 if t.startswith("xs2") else 4 for t in table["trial"]]).all()
-    assert (pd.to_numeric(table["samples_per_s"]) > 0).all()
-    best = table["checkpoint"][0]
-    assert f"best trial: {table['trial'][0]}; checkpoint: {best}" in out
-    ckpt = load_checkpoint(best, stage="dit")
-    assert ckpt.config.dit.params.hidden_size == 384
 
 
 STOPPED_LATEST = "sweep/trials/xs4_depth=1_lr=1e-09/checkpoints/latest/meta.json"
@@ -133,19 +111,38 @@ def small_sweep(crop_latents, ray_session, tmp_path_factory):
     other = placement_group([{"CPU": 1}])
     ray_session.get(other.ready(), timeout=60)
     before = set(ray_session.util.placement_group_table())
+    printed = io.StringIO()
     try:
-        with deadline(420):
+        with deadline(420), contextlib.redirect_stdout(printed):
             assert main(_sweep_args(crop_latents, storage)) == 0
         groups = ray_session.util.placement_group_table()
     finally:
         remove_placement_group(other)
     return {
         "storage": storage,
+        "printed": printed.getvalue(),
         "table": pd.read_csv(storage / "sweep" / "results.csv"),
         "other_work": groups[other.id.hex()]["state"],
         "new_groups": {k: v["state"] for k, v in groups.items() if k not in before},
         "stopped_latest": json.loads((storage / STOPPED_LATEST).read_text()),
     }
+
+
+@pytest.mark.slow
+def test_a_sweep_writes_a_results_table_best_first_and_its_best_checkpoint(small_sweep):
+    from voldit.builders import count_parameters, model_from_checkpoint
+
+    table = small_sweep["table"].fillna({"error": ""})
+    assert list(table["trial"]) == [
+        "xs4_depth=1_lr=0.001",
+        "xs4_depth=1_lr=1e-09",
+    ]  # the one that learned first
+    assert (table["error"] == "").all() and table["best_val_loss"].is_monotonic_increasing
+    assert (table["tokens"] == 4).all() and (pd.to_numeric(table["samples_per_s"]) > 0).all()
+    best = table["checkpoint"][0]
+    assert f"best trial: {table['trial'][0]}; checkpoint: {best}" in small_sweep["printed"]
+    model = model_from_checkpoint(load_checkpoint(best, stage="dit"), eval_mode=False)
+    assert len(model.blocks) == 1 and count_parameters(model)[0] == table["parameters"][0]
 
 
 @pytest.mark.slow

@@ -274,34 +274,14 @@ def test_validation_loss_does_not_depend_on_the_number_of_workers(crop_latents, 
         TINY_DIT, overrides=["training.n_epochs=1", "optim.lr=0", "training.use_ema=false", *QUIET]
     )
     data = {"train": crop_latents["train"], "val": five}
-    runs = {w: _train(cfg, "dit", data, tmp_path, f"w{w}", workers=w).metrics for w in (1, 2, 3)}
-    assert runs[2]["val_loss"] == pytest.approx(runs[1]["val_loss"], rel=1e-5)
-    assert runs[3]["val_loss"] == pytest.approx(runs[1]["val_loss"], rel=1e-5)
-    assert [m["val_samples"] for m in runs.values()] == [5, 5, 5]
+    # In-process (the loop alone) against 3 workers, which 5 rows do not divide.
+    runs = {w: _train(cfg, "dit", data, tmp_path, f"w{w}", workers=w).metrics for w in (0, 3)}
+    assert runs[3]["val_loss"] == pytest.approx(runs[0]["val_loss"], rel=1e-5)
+    assert [m["val_samples"] for m in runs.values()] == [5, 5]
     # One validation row, two workers: one validates it, the other nothing.
     one = _first_rows(crop_latents["val"], tmp_path / "one", 1)
     single = _train(cfg, "dit", {**data, "val": one}, tmp_path, "one", workers=2).metrics
     assert single["val_samples"] == 1 and math.isfinite(single["val_loss"])
-
-
-@pytest.mark.slow
-def test_two_worker_tgca_and_vqgan_runs(crops, crop_latents, dit_run, tmp_path, ray_session):
-    tgca = _train(
-        load_config(TINY_TGCA, overrides=["training.n_epochs=1", *QUIET]),
-        "tgca",
-        crop_latents,
-        tmp_path,
-        "tgca2",
-        workers=2,
-        dit=str(dit_run.best),
-    )
-    assert load_checkpoint(tgca.latest).meta["step"] == 2
-    vq_cfg = load_config(
-        CONFIGS / "tiny" / "vqgan.yaml",
-        overrides=["training.n_epochs=2", "stage1.adv_warmup_epochs=1", *QUIET],
-    )
-    vq = _train(vq_cfg, "vqgan", crops, tmp_path, "vq2", workers=2)
-    assert load_checkpoint(vq.latest).meta["epoch"] == 2
 
 
 @pytest.mark.slow
@@ -327,7 +307,7 @@ def test_tiny_vqgan_and_voldit_overfit_real_ct_crops(crops, crop_latents, tmp_pa
             tmp_path,
             f"vq{n}",
         )
-        for n in (1, 100)
+        for n in (1, 40)
     ]
     same = {"train": crop_latents["train"], "val": crop_latents["train"]}
     dit = [
