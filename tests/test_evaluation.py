@@ -1,5 +1,9 @@
-"""`voldit evaluate`: each metric against a hand-computed value, identical sets, and noise."""
+"""`voldit evaluate`: each metric against a hand-computed value, identical sets, noise, and the baselines
+and yardstick that make scores comparable."""
 
+import contextlib
+import io
+import itertools
 import json
 
 import nibabel as nib
@@ -8,15 +12,22 @@ import pytest
 import torch
 
 from tests.conftest import write_csv
+from voldit.data.nifti import read_volume
 from voldit.evaluation import (
+    EvaluationError,
+    evaluate,
     frechet_distance,
     histogram_distances,
     hu_histogram,
     label_medians,
     label_tissues,
     mask_dice,
+    median_distance,
     mmd,
     ms_ssim_diversity,
+    noise_volumes,
+    real_halves,
+    resize,
 )
 
 
@@ -32,10 +43,13 @@ def test_hu_histogram_distances_by_hand():
 
 def test_mmd_by_hand():
     x, y = np.zeros((2, 1)), np.ones((2, 1))
-    value, bandwidth = mmd(x, y)
-    assert bandwidth == 1.0  # median of the non-zero pairwise distances
-    assert value == pytest.approx(2 - 2 * np.exp(-0.5))
-    assert mmd(x, x)[0] == 0.0
+    assert mmd(x, y, 1.0) == pytest.approx(2 - 2 * np.exp(-0.5))
+    assert mmd(x, y, 2.0) == pytest.approx(2 - 2 * np.exp(-1 / 8))
+    assert mmd(x, x, 1.0) == 0.0
+    # Distances 3, 4 and 5 (a 3-4-5 triangle) plus a repeated point, whose zero distance is left out.
+    points = np.array([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0], [0.0, 0.0]])
+    assert median_distance(points) == 4.0
+    assert median_distance(np.ones((3, 5))) is None
 
 
 def test_frechet_distance_by_hand():
@@ -92,11 +106,22 @@ def _noise_set(rows, folder, kind):
     return write_csv(folder / "gen.csv", out)
 
 
-def test_identical_sets_score_as_identical_and_noise_far_worse(real_set, crop_latents, tmp_path):
-    from voldit.evaluation import evaluate
-
+@pytest.fixture(scope="module")
+def runs(real_set, crop_latents, tmp_path_factory):
+    """The real set evaluated against itself and against two noise sets of as many volumes."""
     csv, rows = real_set
-    same, _ = evaluate(csv, csv, vqgan=crop_latents["vqgan"])
+    folder = tmp_path_factory.mktemp("runs")
+    vqgan = crop_latents["vqgan"]
+    return {
+        "same": evaluate(csv, csv, vqgan=vqgan)[0],
+        "shuffled": evaluate(_noise_set(rows, folder / "s", "shuffled"), csv, vqgan=vqgan)[0],
+        "uniform": evaluate(_noise_set(rows, folder / "u", "uniform"), csv, vqgan=vqgan)[0],
+    }
+
+
+def test_identical_sets_score_as_identical_and_noise_far_worse(real_set, runs, tmp_path):
+    csv, rows = real_set
+    same, shuffled, uniform = runs["same"], runs["shuffled"], runs["uniform"]
     assert same["hu_histogram"] == {"wasserstein_hu": 0.0, "js_divergence": 0.0}
     assert same["mmd"]["mmd2"] == 0.0
     assert same["vqgan_frechet_distance"]["value"] == pytest.approx(0.0, abs=1e-6)
@@ -105,8 +130,6 @@ def test_identical_sets_score_as_identical_and_noise_far_worse(real_set, crop_la
     fidelity = same["mask_fidelity"]
     assert fidelity["tissue_dice_mean"] == fidelity["tissue_dice_real"] > 0.5  # the real CTs' own score
 
-    shuffled, _ = evaluate(_noise_set(rows, tmp_path / "s", "shuffled"), csv, vqgan=crop_latents["vqgan"])
-    uniform, _ = evaluate(_noise_set(rows, tmp_path / "u", "uniform"), csv, vqgan=crop_latents["vqgan"])
     # Shuffling voxels keeps each volume's HU histogram (so that distance stays 0) but destroys anatomy.
     assert shuffled["hu_histogram"]["wasserstein_hu"] == pytest.approx(0.0, abs=1e-9)
     assert uniform["hu_histogram"]["wasserstein_hu"] > 100
@@ -123,35 +146,124 @@ def test_identical_sets_score_as_identical_and_noise_far_worse(real_set, crop_la
         assert noise["mask_fidelity"]["tissue_dice_mean"] < same["mask_fidelity"]["tissue_dice_mean"] - 0.2
 
 
-def test_evaluate_command_writes_the_report(real_set, crop_latents, tmp_path):
+def test_the_yardstick_comes_from_the_real_set_alone(real_set, runs):
+    _, rows = real_set
+    same, uniform = runs["same"], runs["uniform"]
+    # Two different generated sets against one real set: the same yardstick, hence comparable scores.
+    assert same["yardstick"] == uniform["yardstick"]
+    assert same["mmd"]["bandwidth"] == uniform["mmd"]["bandwidth"] == same["yardstick"]["mmd_bandwidth"]
+    grid = [resize(read_volume(image).array, same["grid"]).flatten().double().numpy() for image, _ in rows]
+    distances = [np.linalg.norm(a - b) for a, b in itertools.combinations(grid, 2)]
+    assert same["yardstick"]["mmd_bandwidth"] == pytest.approx(np.median(distances))
+    # The baselines depend on the real set, the seed and the number of generated volumes only.
+    assert same["baselines"] == uniform["baselines"]
+
+
+def test_a_set_drawn_from_the_real_volumes_beats_every_baseline(runs):
+    same = runs["same"]
+    assert all(all(v.values()) for v in same["generated_beats"].values())
+    floor = same["baselines"]["real_halves"]
+    assert len(floor["half_a"]) == len(floor["half_b"]) == 3
+    assert not set(floor["half_a"]) & set(floor["half_b"])
+    # HU-histogram noise matches the real histogram by construction; only structure tells it apart.
+    histogram = same["baselines"]["histogram_noise"]["scores"]
+    assert histogram["wasserstein_hu"] < 1 and histogram["js_divergence"] < 1e-3
+    # Noise as the generated set does not reach the floor on the distances that see structure.
+    for noise in (runs["shuffled"], runs["uniform"]):
+        assert not noise["generated_beats"]["mmd2"]["real_halves"]
+        assert not noise["generated_beats"]["vqgan_frechet_distance"]["real_halves"]
+
+
+def test_noise_baselines_are_reproducible_from_the_seed():
+    density, _ = hu_histogram([np.linspace(-1000, -1, 1000)])  # the lower half of the HU range
+    for kind in ("histogram", "uniform"):
+        drawn = noise_volumes(kind, density, 3, (8, 8, 4), seed=0)
+        assert drawn.shape == (3, 8, 8, 4)
+        np.testing.assert_array_equal(drawn, noise_volumes(kind, density, 3, (8, 8, 4), seed=0))
+        assert not np.array_equal(drawn, noise_volumes(kind, density, 3, (8, 8, 4), seed=1))
+    histogram = noise_volumes("histogram", density, 4, (32, 32, 32), seed=0)
+    assert -1000 <= histogram.min() and histogram.max() <= 0
+    assert histogram_distances(hu_histogram(histogram)[0], density)["wasserstein_hu"] < 1
+    # Uniform over [-1000, 1000] HU against uniform over [-1000, 0]: the CDFs differ by 250 HU on each half.
+    uniform = noise_volumes("uniform", density, 4, (32, 32, 32), seed=0)
+    assert histogram_distances(hu_histogram(uniform)[0], density)["wasserstein_hu"] == pytest.approx(
+        500, rel=0.01
+    )
+    a, b = real_halves(7, seed=0)
+    assert (a, b) == real_halves(7, seed=0) and len(a) == 3 and sorted(a + b) == list(range(7))
+    assert any(real_halves(7, seed) != (a, b) for seed in range(1, 4))
+
+
+def test_the_real_set_needs_two_different_volumes(real_set, tmp_path):
+    _, rows = real_set
+    with pytest.raises(EvaluationError, match="at least two"):
+        evaluate(write_csv(tmp_path / "one.csv", rows[:1]), write_csv(tmp_path / "r1.csv", rows[:1]))
+    with pytest.raises(EvaluationError, match="all the same"):
+        evaluate(write_csv(tmp_path / "one.csv", rows[:1]), write_csv(tmp_path / "r2.csv", rows[:1] * 2))
+
+
+@pytest.fixture(scope="module")
+def held_out(real_set, crops, crop_latents, tmp_path_factory):
+    """`voldit evaluate` of six real crops the real set does not hold: (its exit code, stdout, report folder)."""
     from voldit.cli import main
 
-    csv, rows = real_set
-    out = tmp_path / "report"
-    gen = _noise_set(rows, tmp_path / "g", "shuffled")
-    assert (
-        main(
-            [
-                "evaluate",
-                "--generated",
-                str(gen),
-                "--real",
-                str(csv),
-                "--output",
-                str(out),
-                "--vqgan",
-                str(crop_latents["vqgan"]),
-            ]
-        )
-        == 0
-    )
+    csv, _ = real_set
+    folder = tmp_path_factory.mktemp("held_out")
+    gen, out = write_csv(folder / "held_out.csv", crops["rows"][6:12]), folder / "report"
+    args = [
+        "--generated",
+        str(gen),
+        "--real",
+        str(csv),
+        "--output",
+        str(out),
+        "--vqgan",
+        str(crop_latents["vqgan"]),
+    ]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["evaluate", *args])
+    return code, printed.getvalue(), out
+
+
+def test_real_volumes_the_real_set_lacks_beat_the_noise(held_out):
+    _, _, out = held_out
+    beats = json.loads((out / "evaluation.json").read_text())["generated_beats"]
+    # Anatomy beats noise wherever the metric can see structure; the histogram noise matches the
+    # real histogram by construction, so there only the structure metrics can tell.
+    for metric in ("wasserstein_hu", "js_divergence", "mmd2", "vqgan_frechet_distance"):
+        assert beats[metric]["uniform_noise"], metric
+    for metric in ("mmd2", "vqgan_frechet_distance"):
+        assert beats[metric]["histogram_noise"], metric
+
+
+def test_evaluate_command_writes_the_report(real_set, held_out, tmp_path):
+    from voldit.cli import main
+
+    csv, _ = real_set
+    code, printed, out = held_out
+    assert code == 0
     results = json.loads((out / "evaluation.json").read_text())
-    assert {"hu_histogram", "mmd", "ms_ssim_diversity", "vqgan_frechet_distance", "mask_fidelity"} <= set(
-        results
-    )
+    assert {
+        "hu_histogram",
+        "mmd",
+        "ms_ssim_diversity",
+        "vqgan_frechet_distance",
+        "mask_fidelity",
+        "yardstick",
+        "baselines",
+        "generated_beats",
+    } <= set(results)
+    assert set(results["baselines"]) == {"real_halves", "histogram_noise", "uniform_noise"}
     report = (out / "report.md").read_text()
     for name in ("hu_histogram.png", "mask_dice.png", "generated_previews.png", "real_previews.png"):
         assert (out / name).is_file() and name in report
+    # Printed and in the report: each baseline's score and which baselines the generated set beats.
+    for text in (printed, report):
+        assert "MMD bandwidth" in text and "generated beats" in text and "uniform noise on" in text
+        assert "real half A vs B" in text and "HU-histogram noise" in text
+    for half in results["baselines"]["real_halves"]["half_a"]:
+        assert half in report
     assert (
         main(
             [
@@ -161,7 +273,7 @@ def test_evaluate_command_writes_the_report(real_set, crop_latents, tmp_path):
                 "--real",
                 str(csv),
                 "--output",
-                str(out),
+                str(tmp_path / "report"),
             ]
         )
         == 2

@@ -364,7 +364,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from voldit import storage
-    from voldit.report import write_report
+    from voldit.report import baseline_summary, baseline_table, write_report, yardstick_line
 
     for what, url in (("--generated", args.generated), ("--real", args.real)):
         storage.check(url, what)  # one clear error for a bad endpoint, credentials or bucket
@@ -373,15 +373,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     if vqgan is None and storage.exists(run_info):  # a `voldit synthesize` folder names its VQ-GAN
         vqgan = json.loads(storage.read_text(run_info)).get("vqgan")
     results = write_report(args.generated, args.real, args.output, vqgan=vqgan, size=args.size)
-    h, m = results["hu_histogram"], results["mmd"]
-    print(
-        f"HU histogram: Wasserstein {h['wasserstein_hu']:.1f} HU, JS {h['js_divergence']:.4f} bits; "
-        f"MMD^2 {m['mmd2']:.4g}"
-    )
+    print(yardstick_line(results))
+    table = baseline_table(results)
+    widths = [max(len(row[k]) for row in table) for k in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print(baseline_summary(results))
     d = results["ms_ssim_diversity"]
     print(f"MS-SSIM within generated {d['generated']}, within real {d['real']}")
-    if "vqgan_frechet_distance" in results:
-        print(f"VQ-GAN Frechet distance {results['vqgan_frechet_distance']['value']:.4g}")
     if "mask_fidelity" in results:
         f = results["mask_fidelity"]
         print(

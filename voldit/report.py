@@ -8,16 +8,72 @@ from pathlib import Path
 import numpy as np
 
 from voldit.data.nifti import read_volume
-from voldit.evaluation import TISSUES, evaluate
+from voldit.evaluation import SET_METRICS, TISSUES, evaluate
 from voldit.previews import contact_sheet, preview, save_png
 
 SHOWN = 4  # previews per set in the report
+METRIC_NAMES = {
+    "wasserstein_hu": "HU histogram 1-Wasserstein (HU)",
+    "js_divergence": "HU histogram Jensen-Shannon (bits)",
+    "mmd2": "MMD^2",
+    "ms_ssim_gap": "MS-SSIM within, gap to real's",
+    "vqgan_frechet_distance": "VQ-GAN Frechet distance",
+}
+BASELINE_NAMES = {
+    "real_halves": "real half A vs B",
+    "histogram_noise": "HU-histogram noise",
+    "uniform_noise": "uniform noise",
+}
 
 
 def _fmt(value, digits: int = 4) -> str:
     if value is None:
         return "n/a"
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def baseline_table(r: dict) -> list[list[str]]:
+    """Rows of text (a header, then one per set metric): the generated set's score, each baseline's, and
+    which baselines the generated set beats (a strictly lower score)."""
+    rows = [["lower is better", "generated", *(BASELINE_NAMES[n] for n in r["baselines"]), "generated beats"]]
+    for metric in SET_METRICS:
+        if r["scores"][metric] is None and all(b["scores"][metric] is None for b in r["baselines"].values()):
+            continue  # not measured at all (no VQ-GAN, or a single generated volume)
+        verdicts = r["generated_beats"][metric]
+        beaten = [BASELINE_NAMES[n] for n, v in verdicts.items() if v]
+        judged = [v for v in verdicts.values() if v is not None]
+        rows.append(
+            [
+                METRIC_NAMES[metric],
+                _fmt(r["scores"][metric]),
+                *(_fmt(b["scores"][metric]) for b in r["baselines"].values()),
+                "n/a"
+                if not judged
+                else "all"
+                if len(beaten) == len(verdicts)
+                else ", ".join(beaten) or "none",
+            ]
+        )
+    return rows
+
+
+def baseline_summary(r: dict) -> str:
+    """One sentence: on how many set metrics the generated set beats each baseline."""
+    parts = []
+    for name, label in BASELINE_NAMES.items():
+        judged = [v for v in (r["generated_beats"][m][name] for m in SET_METRICS) if v is not None]
+        floor = " (the floor)" if name == "real_halves" else ""
+        parts.append(f"{label}{floor} on {sum(judged)} of {len(judged)}")
+    return "the generated set beats " + ", ".join(parts) + " metrics"
+
+
+def yardstick_line(r: dict) -> str:
+    y = r["yardstick"]
+    return (
+        f"yardstick (from the real set alone): {'x'.join(map(str, y['grid']))} grid, MMD bandwidth "
+        f"{_fmt(y['mmd_bandwidth'])} (median distance between the real volumes), {y['hu_bin_width']:g}-HU bins, "
+        f"baseline seed {y['baseline_seed']}"
+    )
 
 
 def _plots(plots: dict, output: Path) -> list[str]:
@@ -96,7 +152,8 @@ def _markdown(r: dict, figures: list[str], sheets: list[Path]) -> str:
         "|---|---|---|",
         f"| HU histogram 1-Wasserstein | {_fmt(h['wasserstein_hu'])} HU | 0 when the HU distributions match |",
         f"| HU histogram Jensen-Shannon | {_fmt(h['js_divergence'])} bits | 0 to 1 |",
-        f"| MMD^2 (Gaussian kernel, bandwidth {_fmt(m['bandwidth'])}) | {_fmt(m['mmd2'])} | 0 for identical sets |",
+        f"| MMD^2 (Gaussian kernel, bandwidth {_fmt(m['bandwidth'])}) | {_fmt(m['mmd2'])} | 0 for identical "
+        "sets; bandwidth from the real set alone |",
         f"| MS-SSIM within generated | {_fmt(d['generated'])} | lower is more diverse |",
         f"| MS-SSIM within real | {_fmt(d['real'])} | the diversity to match |",
         f"| mean HU generated / real | {_fmt(r['hu_mean']['generated'])} / {_fmt(r['hu_mean']['real'])} | |",
@@ -120,8 +177,29 @@ def _markdown(r: dict, figures: list[str], sheets: list[Path]) -> str:
             f"{f['tissue_edges_hu'][1]:g}, {TISSUES[1]} between; each label's class is its majority class in "
             "the real CTs.",
         ]
-    lines.append("")
+    lines += ["", *_baselines_markdown(r), ""]
     lines += [f"![{name}]({name})" for name in figures]
     lines += ["", "Previews (axial, coronal, sagittal; second row: mask outlines):", ""]
     lines += [f"![{sheet.stem}]({sheet.name})" for sheet in sheets]
     return "\n".join(lines) + "\n"
+
+
+def _baselines_markdown(r: dict) -> list[str]:
+    b = r["baselines"]
+    halves = b["real_halves"]
+    lines = [
+        "## Against baselines",
+        "",
+        f"The set metrics again, for the generated set and three baselines, all measured with one {yardstick_line(r)}:",
+        "",
+        *(f"- {BASELINE_NAMES[name]}: {b[name]['about']}." for name in b),
+        "",
+        f"Half A: {', '.join(halves['half_a'])}. Half B: {', '.join(halves['half_b'])}.",
+        "",
+    ]
+    table = baseline_table(r)
+    lines += ["| " + " | ".join(row) + " |" for row in table[:1]]
+    lines += ["|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    summary = baseline_summary(r)
+    return [*lines, "", summary[0].upper() + summary[1:] + "."]
