@@ -61,13 +61,9 @@ def wait_seconds() -> float:
 _READONLY_TYPE = re.compile(r"node_[0-9a-f]{56}")  # how Ray names the nodes of a cluster it cannot grow
 _FIRST_REPORT = 15.0  # seconds a cluster's autoscaler may take to write its first report (one iteration)
 _local = False  # this process started its own local Ray: no autoscaler
-_version: str | None = None  # the autoscaler found on this cluster: "v1" (KV report) or "v2" (GCS state)
-
-
-def _found(version: str) -> None:
-    """Remember which autoscaler reports here, so that later polls ask it alone (no 15 s wait for v1 on v2)."""
-    global _version
-    _version = version
+# The autoscaler found on this cluster, "v1" (KV report) or "v2" (GCS state): later polls ask it alone
+# (on KubeRay, no 15 s wait for a v1 report each time).
+_version: str | None = None
 
 
 def autoscaler_status() -> dict | None:
@@ -78,13 +74,15 @@ def autoscaler_status() -> dict | None:
     """
     from ray.experimental.internal_kv import _internal_kv_get
 
+    global _version
     if _local:
         return None
     if _version != "v2":
         deadline = time.monotonic() + _FIRST_REPORT
         while True:
             raw = _internal_kv_get(_AUTOSCALER_STATUS)
-            report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+            status = json.loads(raw) if raw else {}
+            report = status.get("autoscaler_report") or {}
             types = set(report.get("active_nodes") or {}) | set(report.get("pending_launches") or {})
             # A cluster started a moment ago: its autoscaler (v1) has not reported, or has reported before
             # it saw any node (no node types yet), which tells nothing.
@@ -92,30 +90,30 @@ def autoscaler_status() -> dict | None:
                 break
             time.sleep(0.5)
         if types:
-            _found("v1")
+            _version = "v1"
             if all(_READONLY_TYPE.fullmatch(t) for t in types):
                 return None
             return {
-                "time": json.loads(raw).get("time"),
+                "time": status.get("time"),
                 "launching": report.get("pending_launches") or {},
                 "booting": len(report.get("pending_nodes") or []),
             }
     try:  # autoscaler v2 (KubeRay) reports to the GCS instead
         from ray.autoscaler.v2.sdk import get_cluster_status
 
-        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        cluster = get_cluster_status(ray.get_runtime_context().gcs_address)
     except Exception:  # noqa: BLE001 - no v2 autoscaler state: the cluster cannot grow
         return None
-    if str(status.stats.autoscaler_version or "0") == "0":
+    if str(cluster.stats.autoscaler_version or "0") == "0":
         return None
-    _found("v2")
+    _version = "v2"
     launching: dict[str, int] = {}
-    for launch in status.pending_launches:
+    for launch in cluster.pending_launches:
         launching[launch.ray_node_type_name] = launching.get(launch.ray_node_type_name, 0) + launch.count
     return {
-        "time": status.stats.autoscaler_version,
+        "time": cluster.stats.autoscaler_version,
         "launching": launching,
-        "booting": len(status.pending_nodes),
+        "booting": len(cluster.pending_nodes),
     }
 
 
