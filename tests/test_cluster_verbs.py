@@ -24,14 +24,6 @@ def _keys(fs, prefix: str) -> list[str]:
     return list(fs.find(prefix))
 
 
-def _nifti(fs, url: str):
-    import gzip
-
-    import nibabel as nib
-
-    return nib.Nifti1Image.from_bytes(gzip.decompress(fs.cat(url[len("s3://") :])))
-
-
 def _no_half_written(fs, bucket: str) -> None:
     """Nothing under a temporary name, and every checkpoint folder complete (meta.json present)."""
     keys = _keys(fs, bucket)
@@ -83,6 +75,7 @@ def test_pipeline_job_on_a_multi_node_cluster_with_s3(
 ):
     from voldit.builders import model_from_checkpoint
     from voldit.checkpoint import load_checkpoint
+    from voldit.data.nifti import read_volume
 
     fs, out = s3_server["fs"], pipeline_run["out"]
     inner = out[len("s3://") :]
@@ -109,8 +102,8 @@ def test_pipeline_job_on_a_multi_node_cluster_with_s3(
         assert fs.glob(f"{inner}/runs/{stage}/tensorboard/events.out.tfevents.*"), stage
     # A synthetic volume lies on its mask's grid; no secret is written with the outputs.
     row = manifest.iloc[0]
-    volume, mask = (_nifti(fs, url) for url in (row["output"], row["mask"]))
-    assert volume.shape == mask.shape and np.allclose(volume.affine, mask.affine, atol=1e-5)
+    volume, mask = (read_volume(url) for url in (row["output"], row["mask"]))
+    assert volume.array.shape == mask.array.shape and np.allclose(volume.affine, mask.affine, atol=1e-5)
     written = fs.cat(f"{inner}/synthetic/run.json") + fs.cat(
         f"{inner}/runs/tgca/checkpoints/best/config.yaml"
     )

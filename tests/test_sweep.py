@@ -133,10 +133,8 @@ def test_a_sweep_writes_a_results_table_best_first_and_its_best_checkpoint(small
     from voldit.builders import count_parameters, model_from_checkpoint
 
     table = small_sweep["table"].fillna({"error": ""})
-    assert list(table["trial"]) == [
-        "xs4_depth=1_lr=0.001",
-        "xs4_depth=1_lr=1e-09",
-    ]  # the one that learned first
+    # The trial that learned comes first.
+    assert list(table["trial"]) == ["xs4_depth=1_lr=0.001", "xs4_depth=1_lr=1e-09"]
     assert (table["error"] == "").all() and table["best_val_loss"].is_monotonic_increasing
     assert (table["tokens"] == 4).all() and (pd.to_numeric(table["samples_per_s"]) > 0).all()
     best = table["checkpoint"][0]
