@@ -18,22 +18,30 @@ from voldit.evaluation import (
     evaluate,
     frechet_distance,
     histogram_distances,
-    hu_histogram,
+    hu_counts,
+    hu_edges,
     label_medians,
     label_tissues,
     mask_dice,
+    measure,
     median_distance,
     mmd,
-    ms_ssim_diversity,
+    ms_ssim_pairs,
     noise_volumes,
     real_halves,
     resize,
 )
 
 
+def _density(volumes: np.ndarray) -> np.ndarray:
+    """The pooled HU histogram of a volume (or a stack of them): (bins,) summing to 1."""
+    return hu_counts(volumes) / volumes.size
+
+
 def test_hu_histogram_distances_by_hand():
-    p, edges = hu_histogram([np.full((4, 4, 4), -990.0)])  # all in the first 20-HU bin
-    q, _ = hu_histogram([np.full((2, 2, 2), -950.0)])  # all in the third
+    p = _density(np.full((4, 4, 4), -990.0))  # all in the first 20-HU bin
+    q = _density(np.full((2, 2, 2), -950.0))  # all in the third
+    edges = hu_edges()
     assert edges[0] == -1000 and edges[-1] == 1000 and len(p) == 100
     distances = histogram_distances(p, q)
     assert distances["wasserstein_hu"] == pytest.approx(40.0)  # the mass moves two bins of 20 HU
@@ -63,10 +71,11 @@ def test_ms_ssim_diversity():
     g = torch.Generator().manual_seed(0)
     volume = torch.rand(1, 32, 32, 32, generator=g) * 2 - 1
     smooth = torch.nn.functional.avg_pool3d(volume[None], 5, 1, 2)[0]
-    assert ms_ssim_diversity([smooth, smooth.clone()]) == pytest.approx(1.0, abs=1e-5)
+    assert ms_ssim_pairs([smooth, smooth.clone()], [(0, 1)]) == pytest.approx([1.0], abs=1e-5)
     others = [torch.rand(1, 32, 32, 32, generator=g) * 2 - 1 for _ in range(3)]
-    assert ms_ssim_diversity(others) < 0.1  # independent noise shares no structure
-    assert ms_ssim_diversity([smooth]) is None
+    pairs = list(itertools.combinations(range(3), 2))
+    assert ms_ssim_pairs(others, pairs).mean() < 0.1  # independent noise shares no structure
+    assert measure(["one"], [np.zeros((8, 8, 8))], (8, 8, 8)).diversity() is None  # no pair to measure
 
 
 def test_mask_fidelity_by_hand():
@@ -175,7 +184,7 @@ def test_a_set_drawn_from_the_real_volumes_beats_every_baseline(runs):
 
 
 def test_noise_baselines_are_reproducible_from_the_seed():
-    density, _ = hu_histogram([np.linspace(-1000, -1, 1000)])  # the lower half of the HU range
+    density = _density(np.linspace(-1000, -1, 1000))  # the lower half of the HU range
     for kind in ("histogram", "uniform"):
         drawn = noise_volumes(kind, density, 3, (8, 8, 4), seed=0)
         assert drawn.shape == (3, 8, 8, 4)
@@ -183,12 +192,10 @@ def test_noise_baselines_are_reproducible_from_the_seed():
         assert not np.array_equal(drawn, noise_volumes(kind, density, 3, (8, 8, 4), seed=1))
     histogram = noise_volumes("histogram", density, 4, (32, 32, 32), seed=0)
     assert -1000 <= histogram.min() and histogram.max() <= 0
-    assert histogram_distances(hu_histogram(histogram)[0], density)["wasserstein_hu"] < 1
+    assert histogram_distances(_density(histogram), density)["wasserstein_hu"] < 1
     # Uniform over [-1000, 1000] HU against uniform over [-1000, 0]: the CDFs differ by 250 HU on each half.
     uniform = noise_volumes("uniform", density, 4, (32, 32, 32), seed=0)
-    assert histogram_distances(hu_histogram(uniform)[0], density)["wasserstein_hu"] == pytest.approx(
-        500, rel=0.01
-    )
+    assert histogram_distances(_density(uniform), density)["wasserstein_hu"] == pytest.approx(500, rel=0.01)
     a, b = real_halves(7, seed=0)
     assert (a, b) == real_halves(7, seed=0) and len(a) == 3 and sorted(a + b) == list(range(7))
     assert any(real_halves(7, seed) != (a, b) for seed in range(1, 4))

@@ -116,12 +116,6 @@ def hu_counts(volume: np.ndarray, bin_width: float = HU_BIN) -> np.ndarray:
     return np.histogram(np.clip(volume, HU_MIN, HU_MAX), bins=hu_edges(bin_width))[0]
 
 
-def hu_histogram(volumes: Sequence[np.ndarray], bin_width: float = HU_BIN) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled voxel histogram over [HU_MIN, HU_MAX] (values outside are clipped in): (density, edges)."""
-    counts = sum(hu_counts(v, bin_width) for v in volumes)
-    return counts / counts.sum(), hu_edges(bin_width)
-
-
 def histogram_distances(p: np.ndarray, q: np.ndarray, bin_width: float = HU_BIN) -> dict[str, float]:
     """1-Wasserstein distance (HU) and Jensen-Shannon divergence (bits) of two binned densities."""
     wasserstein = float(np.abs(np.cumsum(p) - np.cumsum(q)).sum() * bin_width)
@@ -179,12 +173,6 @@ def ms_ssim_pairs(
     a = torch.stack([volumes[i] for i, _ in pairs])
     b = torch.stack([volumes[j] for _, j in pairs])
     return metric(a, b).flatten().numpy()
-
-
-def ms_ssim_diversity(volumes: Sequence[torch.Tensor], kernel_size: int = MS_SSIM_KERNEL) -> float | None:
-    """Mean MS-SSIM over every pair of (1, X, Y, Z) volumes in [-1, 1]; None for fewer than two volumes."""
-    pairs = list(itertools.combinations(range(len(volumes)), 2))
-    return float(ms_ssim_pairs(volumes, pairs, kernel_size).mean()) if pairs else None
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -357,7 +345,7 @@ def real_halves(n: int, seed: int) -> tuple[list[int], list[int]]:
 
 def noise_volumes(kind: str, density: np.ndarray, count: int, grid: Sequence[int], seed: int) -> np.ndarray:
     """``count`` volumes of independent voxels on ``grid`` in HU, the same for the same seed: (count, *grid)
-    float32. "histogram": each voxel in a HU_BIN bin drawn by ``density`` (hu_histogram's) and uniform
+    float32. "histogram": each voxel in a HU_BIN bin drawn by ``density`` (MeasuredSet.density's) and uniform
     within it; "uniform": uniform over [HU_MIN, HU_MAX]."""
     rng = np.random.default_rng((seed, BASELINES.index(f"{kind}_noise")))
     shape = (count, *grid)
