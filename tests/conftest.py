@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import os
 from pathlib import Path
 
 import pytest
@@ -24,15 +25,25 @@ def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
     return module
 
 
+_STDERR = -1  # the terminal's stderr, kept before pytest captures it (a dump to the capture is lost on exit)
+
+
+def pytest_configure(config):
+    global _STDERR
+    _STDERR = os.dup(2)
+
+
+# Every test without a deadline of its own: several times the slowest test's 3 minutes on 2 busy cores.
+DEFAULT_DEADLINE = 1200
+
+
 @pytest.fixture(autouse=True)
 def _deadline(request):
-    """``@pytest.mark.deadline(seconds)``: a test still running after ``seconds`` dumps every thread's stack
-    and ends the session, so a hang fails loudly instead of blocking the suite."""
+    """``@pytest.mark.deadline(seconds)`` (else DEFAULT_DEADLINE): a test still running after ``seconds``
+    dumps every thread's stack and ends the session, so a hang fails loudly instead of blocking the suite."""
     marker = request.node.get_closest_marker("deadline")
-    if marker is None:
-        yield
-        return
-    faulthandler.dump_traceback_later(marker.args[0], exit=True)
+    seconds = marker.args[0] if marker else DEFAULT_DEADLINE
+    faulthandler.dump_traceback_later(seconds, exit=True, file=_STDERR)
     try:
         yield
     finally:
