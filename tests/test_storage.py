@@ -206,3 +206,59 @@ def test_evaluate_reads_a_synthesize_folder_in_s3_like_a_local_one(
     assert set(from_s3["mask_fidelity"]["tissue_dice"]) == {"g0", "g1", "g2", "g3"}
     from_s3.pop("generated"), from_disk.pop("generated")
     assert from_s3 == from_disk  # every number as for the local copy
+
+
+@pytest.mark.deadline(120)
+def test_a_resumed_synthesis_plans_from_its_journal_in_a_few_objects(s3_here):
+    from voldit.synthesis import Journal, Layout
+
+    fs = s3_here
+    layout = Layout.of(f"s3://{BUCKET}/journaled")
+    journal = Journal.open(layout, [])
+    assert journal.records == {} and journal.parts == []
+    journal.flush_rows = 1000
+    names = [f"row{k:04d}" for k in range(2500)]
+    for k, name in enumerate(names):
+        journal.add({"name": name, "status": "failed" if k % 10 == 0 else "ok", "seed": k})
+    assert len(fs.ls(f"{BUCKET}/journaled/journal")) == 2  # a part per 1,000 records; 500 pending
+    journal.add({"name": "row0000", "status": "ok", "seed": 0})  # a failed row done again: the later wins
+    journal.flush()
+    fs.invalidate_cache()
+    assert len(fs.ls(f"{BUCKET}/journaled/journal")) == 3
+
+    again = Journal.open(layout, names)
+    assert again.records == journal.records
+    assert again.done() == {n for k, n in enumerate(names) if k == 0 or k % 10}
+    fs.invalidate_cache()
+    parts = fs.ls(f"{BUCKET}/journaled/journal")
+    assert len(parts) == 1 and again.parts == [f"s3://{parts[0]}"]  # merged: the next resume reads one
+    assert Journal.open(layout, names).records == journal.records
+
+
+@pytest.mark.deadline(300)
+def test_an_actor_does_not_redo_a_row_whose_record_is_in_s3(s3_here, tiny_tgca_run, crops):
+    """Rows a killed driver finished after its journal's last part come back to an actor: it finds their
+    ok record and returns it without synthesising the row again."""
+    import numpy as np
+
+    from voldit.synthesis import Layout, Synthesizer
+
+    fs, output = s3_here, f"s3://{BUCKET}/unjournaled"
+    layout = Layout.of(output)
+    earlier = {"id": "done", "name": "done", "status": "ok", "seed": 3, "output": "kept"}
+    fs.pipe(f"{BUCKET}/unjournaled/records/done.json", json.dumps(earlier).encode())
+    fs.pipe(f"{BUCKET}/unjournaled/records/failed.json", json.dumps({**earlier, "status": "failed"}).encode())
+    synth = Synthesizer(
+        tiny_tgca_run["tgca"], layout.root, settings={"sampler": "ddim", "steps": 2}, remote=output
+    )
+    names = ["done", "failed", "new"]
+    mask = str(crops["rows"][0][1])
+    result = synth(
+        {"id": np.array(names), "name": np.array(names), "seed": np.arange(3), "mask": np.array([mask] * 3)}
+    )
+    assert result["reused"] == [True, False, False] and result["error"] == ["", "", ""]
+    assert json.loads(result["record"][0]) == earlier
+    fs.invalidate_cache()
+    volumes = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/unjournaled/volumes"))
+    assert volumes == ["failed.nii.gz", "new.nii.gz"]  # the done row was not synthesised again
+    assert json.loads(fs.cat(f"{BUCKET}/unjournaled/records/failed.json"))["status"] == "ok"

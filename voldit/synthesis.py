@@ -6,6 +6,7 @@ Output folder:
     volumes/<name>.nii.gz     int16 HU on the mask's own grid (its shape, affine and spacing)
     previews/<name>.png       axial, coronal and sagittal mid-slices, and the same with mask outlines
     records/<name>.json       one per finished row (ok or failed): what made it, how long it took
+    journal/*.jsonl.gz        (s3:// outputs) the records again, a few objects for all rows: see Journal
     manifest.csv              every row of the CSV, in order, from the records
     contact_sheet.png         the previews side by side
     run.json                  the checkpoints and settings every volume in the folder was made with
@@ -17,8 +18,8 @@ nothing half-written under a final name; the record is written last, so a row wi
 from __future__ import annotations
 
 import datetime
+import gzip
 import hashlib
-import io
 import json
 import logging
 import re
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.csv"
 RUN_INFO = "run.json"
 CONTACT_SHEET = "contact_sheet.png"
+JOURNAL = "journal"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -116,57 +118,19 @@ class Layout:
     def record(self, name: str) -> Path:
         return self.root / "records" / f"{name}.json"
 
-    def done(self, names) -> set[str]:
-        """The rows among ``names`` that are finished (status ok, volume in place): what a resumed run skips.
-
-        A remote output is read with one listing per folder, never a request per row: a row is done when
-        both its volume and its record are listed (the record is written after the volume, and a row
-        that fails after its volume was uploaded has that volume removed).
-        """
-        names = set(names)
-        if not self.remote:
-            return {n for n in names if is_complete(self, read_record(self, n))}
-        return names & self._listed("records", ".json") & self._listed("volumes", ".nii.gz")
-
-    def records(self, names) -> dict[str, dict]:
-        """The records of finished rows, by name. From a remote output they come from the previous
-        run's manifest (one request); only the rows it lacks (finished by a killed run) are fetched,
-        concurrently."""
-        names = set(names)
-        if not self.remote:
-            return {n: r for n in names if (r := read_record(self, n)) is not None}
-        records = {n: r for n, r in self._previous_manifest().items() if n in names}
-        missing = sorted(names - set(records))
-        if missing:
-            fs, _ = storage.filesystem(self.remote)
-            paths = {storage.filesystem(self.url(self.record(n)))[1]: n for n in missing}
-            for path, data in fs.cat(list(paths), on_error="omit").items():
-                try:
-                    records[paths[path]] = json.loads(data)
-                except json.JSONDecodeError:
-                    log.warning("record %s is not valid JSON; its row counts as not run", path)
-        return records
-
-    def _listed(self, folder: str, suffix: str) -> set[str]:
-        fs, inner = storage.filesystem(storage.join(self.remote, folder))
-        try:
-            paths = fs.find(inner)
-        except FileNotFoundError:
-            return set()
-        return {Path(p).name[: -len(suffix)] for p in paths if p.endswith(suffix)}
-
-    def _previous_manifest(self) -> dict[str, dict]:
-        """The ok rows of the manifest an earlier run wrote, as records by name (one request)."""
-        url = storage.join(self.remote, MANIFEST)
-        try:
-            frame = pd.read_csv(io.BytesIO(storage.read_bytes(url)), dtype=str, keep_default_na=False)
-        except (FileNotFoundError, pd.errors.EmptyDataError):
+    def finished(self, rows: list[dict]) -> dict[str, dict]:
+        """The rows among ``rows`` (dicts with a ``name``) whose ok record is already in the remote output, by
+        name: rows a killed driver finished after its journal's last part. One concurrent fetch."""
+        if not self.remote or not rows:
             return {}
-        frame = frame[frame["status"] == "ok"]
         out = {}
-        for row in frame.to_dict("records"):
-            name = safe_name(row["id"])
-            out[name] = {**row, "name": name, "seed": int(row["seed"]), "seconds": float(row["seconds"] or 0)}
+        for data in storage.read_many([self.url(self.record(r["name"])) for r in rows]).values():
+            try:
+                record = json.loads(data)
+            except json.JSONDecodeError:
+                continue
+            if record.get("status") == "ok":
+                out[record["name"]] = record
         return out
 
     def remove_temporaries(self) -> int:
@@ -175,6 +139,76 @@ class Layout:
         for path in stale:
             path.unlink(missing_ok=True)
         return len(stale)
+
+
+class Journal:
+    """The records of an output's finished rows (ok or failed), by name: what a resumed run plans from.
+
+    A local output's journal is its per-row records. A remote output's is a few objects, not one per
+    row: the driver adds each record the actors return and writes them as one part
+    (``journal/<time>.jsonl.gz``) every ``flush_rows`` records or ``flush_seconds``, and when the run ends
+    however it ends; opening the journal merges its parts into one. Planning a resumed run of 100,000
+    rows is then one listing and a request per part. Rows a killed driver finished after its last part
+    are not lost: their records are in ``records/``, and the actor that gets such a row again finds it
+    there (`Layout.finished`) instead of redoing it.
+    """
+
+    def __init__(self, layout: Layout, records: dict[str, dict], parts: list[str]) -> None:
+        self.layout, self.records, self.parts = layout, records, parts
+        self.flush_rows, self.flush_seconds = 1000, 600.0
+        self._pending: list[dict] = []
+        self._flushed = time.monotonic()
+
+    @classmethod
+    def open(cls, layout: Layout, names) -> Journal:
+        """The journal of ``layout``'s rows ``names``; a remote one's parts are merged into one."""
+        if not layout.remote:
+            return cls(layout, {n: r for n in set(names) if (r := read_record(layout, n)) is not None}, [])
+        fs, inner = storage.filesystem(storage.join(layout.remote, JOURNAL))
+        try:
+            parts = sorted(p for p in fs.ls(inner, detail=False) if p.endswith(".jsonl.gz"))
+        except FileNotFoundError:
+            parts = []
+        records: dict[str, dict] = {}
+        contents = fs.cat(parts) if parts else {}
+        for part in parts:  # in time order: a row's later record replaces its earlier one
+            for line in gzip.decompress(contents[part]).splitlines():
+                record = json.loads(line)
+                records[record["name"]] = record
+        journal = cls(layout, records, [storage.join(layout.remote, JOURNAL, Path(p).name) for p in parts])
+        if len(parts) > 1:
+            journal._write(list(records.values()))
+            for old in journal.parts[:-1]:
+                storage.remove(old)
+            journal.parts = journal.parts[-1:]
+        return journal
+
+    def done(self) -> set[str]:
+        """The rows finished with status ok (a local output's volume is checked too): what a run skips."""
+        if not self.layout.remote:
+            return {n for n, r in self.records.items() if is_complete(self.layout, r)}
+        return {n for n, r in self.records.items() if r.get("status") == "ok"}
+
+    def add(self, record: dict) -> None:
+        """A finished row's record (already written to ``records/`` by whoever finished it)."""
+        self.records[record["name"]] = record
+        if not self.layout.remote:
+            return
+        self._pending.append(record)
+        if len(self._pending) >= self.flush_rows or time.monotonic() - self._flushed >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the records added since the last part as a new part."""
+        if self._pending:
+            self._write(self._pending)
+        self._pending, self._flushed = [], time.monotonic()
+
+    def _write(self, records: list[dict]) -> None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        url = storage.join(self.layout.remote, JOURNAL, f"{stamp}.jsonl.gz")
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        self.parts.append(storage.write_bytes(url, gzip.compress(data, compresslevel=3)))
 
 
 def write_record(layout: Layout, record: dict) -> dict:
@@ -241,7 +275,7 @@ def plan_rows(csv: str | Path, condition_keys: list[str], base_seed: int = 0) ->
 
 class Synthesizer:
     """Batch of rows {id, name, seed, <condition key>: mask path} -> volumes, previews and records;
-    returns one status per row.
+    returns one status per row. A row whose ok record is already in a remote output is not redone.
 
     Loads the TGCA and VQ-GAN once (an actor's lifetime), samples every readable row of the batch in one
     denoising pass, then decodes and writes each volume on its mask's grid. Unreadable or unusable masks
@@ -327,9 +361,11 @@ class Synthesizer:
         start = time.perf_counter()
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         results = {r["id"]: "" for r in rows}
-        records: dict[str, dict] = {}
+        found = self.layout.finished(rows)  # finished by a killed run after its journal's last part
+        records = {r["id"]: found[r["name"]] for r in rows if r["name"] in found}
         ready = []
-        for row, prepared, error in load_rows(self._workers, self._masks, rows):  # read in parallel
+        todo = [r for r in rows if r["id"] not in records]
+        for row, prepared, error in load_rows(self._workers, self._masks, todo):  # read in parallel
             if error:
                 results[row["id"]] = error
             else:
@@ -341,8 +377,8 @@ class Synthesizer:
                 log.exception("batch of %d rows failed", len(ready))
                 for row, *_ in ready:
                     results[row["id"]] = f"synthesis failed: {type(error).__name__}: {error}"
-        seconds = (time.perf_counter() - start) / len(rows)
-        for row in rows:
+        seconds = (time.perf_counter() - start) / max(1, len(todo))
+        for row in todo:
             if row["id"] in records and records[row["id"]]["status"] != "ok":
                 results[row["id"]] = records[row["id"]]["error"]
             if results[row["id"]]:
@@ -352,8 +388,9 @@ class Synthesizer:
         return {
             "id": [r["id"] for r in rows],
             "error": [results[r["id"]] for r in rows],
-            "seconds": [records[r["id"]]["seconds"] for r in rows],
+            "seconds": [records[r["id"]].get("seconds", 0.0) for r in rows],
             "record": [json.dumps(records[r["id"]]) for r in rows],
+            "reused": [r["name"] in found for r in rows],
         }
 
     def _generate(self, ready: list, start: float) -> dict[str, dict]:

@@ -20,6 +20,7 @@ from voldit.synthesis import (
     CONTACT_SHEET,
     MANIFEST,
     RUN_INFO,
+    Journal,
     Layout,
     SynthesisError,
     Synthesizer,
@@ -88,33 +89,40 @@ def synthesize(
     if removed := layout.remove_temporaries():
         log.info("removed %d half-written file(s) from an interrupted run", removed)
 
-    done = layout.done(frame["name"])
+    journal = Journal.open(layout, frame["name"])
+    done = journal.done() & set(frame["name"])
     todo = frame[~frame["name"].isin(done) & (frame["problem"] == "")]
     summary = SynthesisSummary(total=len(frame), skipped=len(done), synthesized=0)
-    records = {}
     for row in frame[frame["problem"] != ""].to_dict("records"):
-        records[row["name"]] = write_record(layout, _planned_failure(row, keys, row["problem"]))
+        journal.add(write_record(layout, _planned_failure(row, keys, row["problem"])))
     log.info("%d rows in %s: %d already synthesised, %d to do", len(frame), csv, summary.skipped, len(todo))
-    if len(todo):
-        made, elapsed = _run(
-            todo[["id", "name", "seed", *keys]].to_dict("records"),
-            checkpoint,
-            vqgan,
-            layout,
-            settings,
-            allow_unseen_labels,
-            previews,
-            batch_size,
-            workers,
-            gpus_per_worker,
-            progress,
-        )
-        records.update(made)
-        ok = sum(1 for n in todo["name"] if made.get(n, {}).get("status") == "ok")
-        summary.synthesized = ok
-        summary.volumes_per_hour = ok / elapsed * 3600 if elapsed > 0 and ok else None
-    records.update(layout.records(done))  # the rows of earlier runs, read once the GPUs are done
-    manifest = manifest_frame(frame, records, keys)
+    reused = set()
+
+    def finished(record: dict, found: bool) -> None:
+        journal.add(record)
+        if found:  # finished by an earlier run that was killed before its journal said so
+            reused.add(record["name"])
+
+    try:
+        if len(todo):
+            synthesizer = dict(
+                checkpoint=checkpoint,
+                output=str(layout.root),
+                vqgan=vqgan,
+                remote=layout.remote,
+                settings=asdict(settings),
+                allow_unseen_labels=allow_unseen_labels,
+                previews=previews,
+            )
+            rows = todo[["id", "name", "seed", *keys]].to_dict("records")
+            elapsed = _run(rows, synthesizer, batch_size, workers, gpus_per_worker, progress, finished)
+            made = [journal.records.get(n, {}) for n in todo["name"] if n not in reused]
+            summary.skipped += len(reused)
+            summary.synthesized = ok = sum(r.get("status") == "ok" for r in made)
+            summary.volumes_per_hour = ok / elapsed * 3600 if elapsed > 0 and ok else None
+    finally:
+        journal.flush()  # whatever ends the run, the records so far are in the journal
+    manifest = manifest_frame(frame, journal.records, keys)
     summary.manifest = layout.publish(write_manifest(manifest, layout.root / MANIFEST))
     summary.failed = manifest[manifest["status"] != "ok"][["id", "error"]].to_dict("records")
     shown = []
@@ -173,36 +181,26 @@ def _planned_failure(row: dict, keys: list[str], reason: str) -> dict:
     }
 
 
-def _run(
-    rows, checkpoint, vqgan, layout, settings, allow_unseen, previews, batch_size, workers, gpus, progress
-) -> tuple[dict[str, dict], float]:
-    """Fan the rows out over synthesizer actors; returns their records by name and the seconds taken."""
+def _run(rows, synthesizer: dict, batch_size, workers, gpus, progress, finished) -> float:
+    """Fan the rows out over `Synthesizer` actors (built with ``synthesizer``), calling
+    ``finished(record, found)`` for each row as its batch returns (``found``: it was already done);
+    returns the seconds taken."""
     require_gpus(gpus, 1)
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
     statuses = dataset.map_batches(
         Synthesizer,
-        fn_constructor_kwargs=dict(
-            checkpoint=checkpoint,
-            output=str(layout.root),
-            vqgan=vqgan,
-            remote=layout.remote,
-            settings=asdict(settings),
-            allow_unseen_labels=allow_unseen,
-            previews=previews,
-        ),
+        fn_constructor_kwargs=synthesizer,
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)),
         num_gpus=gpus,
         num_cpus=1,
     )
-    start = time.perf_counter()
-    records = {}
+    start, failed = time.perf_counter(), 0
     with tqdm(total=len(rows), desc="synthesize", unit="vol", disable=not progress) as bar:
         for row in statuses.iter_rows():
             record = json.loads(row["record"])
-            records[record["name"]] = record
+            finished(record, bool(row["reused"]))
+            failed += record["status"] != "ok"
             bar.update(1)
-            bar.set_postfix(
-                failed=sum(r["status"] != "ok" for r in records.values()), s_per_vol=f"{row['seconds']:.1f}"
-            )
-    return records, time.perf_counter() - start
+            bar.set_postfix(failed=failed, s_per_vol=f"{row['seconds']:.1f}")
+    return time.perf_counter() - start
