@@ -26,11 +26,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from voldit.errors import VolditError
+
 FORMAT_VERSION = 1
 _TENSOR = "__tensor__"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(VolditError, RuntimeError):
     """A checkpoint directory that is missing, incomplete or does not fit what is asked of it."""
 
 

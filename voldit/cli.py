@@ -161,29 +161,24 @@ def _encode(args: argparse.Namespace) -> int:
 @command("train")
 def _train(args: argparse.Namespace) -> int:
     from voldit.distributed.train import train
-    from voldit.training.context import TrainingError
 
     files = [c for c in args.config if "=" not in c]
     overrides = [c for c in args.config if "=" in c] + args.set
     cfg = load_config(*files, overrides=overrides)
-    try:
-        result = train(
-            cfg,
-            args.stage,
-            args.train,
-            args.val,
-            dit=args.dit,
-            vqgan=args.vqgan,
-            name=args.name,
-            storage=args.storage,
-            workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker,
-            max_failures=args.max_failures,
-            address=args.address,
-        )
-    except TrainingError as error:
-        print(f"voldit train: error: {error}", file=sys.stderr)
-        return 1
+    result = train(
+        cfg,
+        args.stage,
+        args.train,
+        args.val,
+        dit=args.dit,
+        vqgan=args.vqgan,
+        name=args.name,
+        storage=args.storage,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        max_failures=args.max_failures,
+        address=args.address,
+    )
     print(
         f"trained {args.stage} to epoch {result.metrics.get('epoch')}, step {result.metrics.get('step')}; "
         f"validation loss {result.metrics.get('val_loss')}"
@@ -738,13 +733,7 @@ def _seconds(text: str) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from voldit.checkpoint import CheckpointError
-    from voldit.data.latents import LatentDatasetError
-    from voldit.data.manifest import ManifestError
-    from voldit.distributed.runtime import GPUUnavailable
-    from voldit.evaluation import EvaluationError
-    from voldit.storage import StorageError
-    from voldit.synthesis import SynthesisError
+    from voldit.errors import VolditError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -758,18 +747,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _export_cluster_flags(args)
     try:
         return _COMMANDS[name](args)
-    except (
-        ConfigError,
-        CheckpointError,
-        ManifestError,
-        LatentDatasetError,
-        GPUUnavailable,
-        SynthesisError,
-        EvaluationError,
-        StorageError,
-    ) as error:
+    except VolditError as error:  # what the user can fix: one line, no traceback
         print(f"voldit {name}: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
 
 
 if __name__ == "__main__":

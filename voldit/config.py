@@ -16,13 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from voldit.diffusion.schedule import PREDICTION_TYPES, SCHEDULES
+from voldit.errors import VolditError
 from voldit.models.attention import BACKENDS
 
 STAGES = ("vqgan", "dit", "tgca")
 SEED_NUM_WORKERS = 4  # training.num_workers in the authors' files: accepted so they load, never read
 
 
-class ConfigError(ValueError):
+class ConfigError(VolditError, ValueError):
     """A config value that cannot work; the message names the key and what to change."""
 
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from voldit import storage
 from voldit.data.intensity import HU_MAX, HU_MIN, hu_to_unit
 from voldit.data.nifti import VolumeError, read_volume
+from voldit.errors import VolditError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ BASELINES = ("real_halves", "histogram_noise", "uniform_noise")
 NIFTI = (".nii", ".nii.gz")
 
 
-class EvaluationError(ValueError):
+class EvaluationError(VolditError, ValueError):
     """Inputs that cannot be evaluated as asked; the message says what to give instead."""
 
 

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import fsspec
 
+from voldit.errors import VolditError
+
 log = logging.getLogger(__name__)
 
 MARKER = "meta.json"  # the file that marks a directory (checkpoint) as complete; uploaded last
 
 
-class StorageError(RuntimeError):
+class StorageError(VolditError, RuntimeError):
     """Storage that cannot be used as given (endpoint, credentials, bucket); says what to fix."""
 
 

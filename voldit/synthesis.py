@@ -45,6 +45,7 @@ from voldit.data.nifti import (
 )
 from voldit.data.preprocess import PreparedCondition, prepare_condition
 from voldit.data.workers import io_workers, load_rows
+from voldit.errors import VolditError
 from voldit.previews import preview, save_png
 from voldit.sampling import Pipeline, SamplingSettings, seed_for
 
@@ -57,7 +58,7 @@ JOURNAL = "journal"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-class SynthesisError(RuntimeError):
+class SynthesisError(VolditError, RuntimeError):
     """A synthesis job that cannot start as asked; nothing has been written."""
 
 

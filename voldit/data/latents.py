@@ -28,13 +28,14 @@ import pyarrow.parquet as pq
 
 from voldit import storage
 from voldit.data.nifti import label_values
+from voldit.errors import VolditError
 
 INFO_FILE = "dataset.json"
 PART_GLOB = "part-*.parquet"
 _STATS_KEY = b"voldit.latent_stats"
 
 
-class LatentDatasetError(RuntimeError):
+class LatentDatasetError(VolditError, RuntimeError):
     """A latent folder that is missing, incomplete, or does not fit what is asked of it."""
 
 

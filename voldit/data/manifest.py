@@ -8,9 +8,10 @@ from pathlib import Path
 import pandas as pd
 
 from voldit import storage
+from voldit.errors import VolditError
 
 
-class ManifestError(ValueError):
+class ManifestError(VolditError, ValueError):
     """A manifest that cannot be used as it is; the message lists every problem with its row number."""
 
 

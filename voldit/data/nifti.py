@@ -12,12 +12,13 @@ import numpy as np
 from isal import igzip  # gzip with Intel's ISA-L: ~10x faster than zlib at level 1, same format
 
 from voldit import storage
+from voldit.errors import VolditError
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _BLOCK = 32  # voxels per block edge in `relayout`
 
 
-class VolumeError(ValueError):
+class VolumeError(VolditError, ValueError):
     """A file that is not a usable 3D volume; the message is the reason recorded for its row."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import ray
 
 from voldit import storage
+from voldit.errors import VolditError
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ DEFAULT_WAIT = 1800.0
 _AUTOSCALER_STATUS = b"__autoscaling_status"  # written by Ray's autoscaler (monitor) on the head
 
 
-class GPUUnavailable(RuntimeError):
+class GPUUnavailable(VolditError, RuntimeError):
     """GPUs were asked for that the Ray cluster does not have and will not get."""
 
 

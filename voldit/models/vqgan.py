@@ -13,6 +13,8 @@ from monai.losses import JukeboxLoss, PatchAdversarialLoss, PerceptualLoss
 from monai.networks.nets import VQVAE, PatchDiscriminator
 from torch import nn
 
+from voldit.errors import VolditError
+
 
 def build_vqvae(
     spatial_dims: int = 3,
@@ -77,7 +79,7 @@ def build_discriminator(
     )
 
 
-class PerceptualUnavailable(RuntimeError):
+class PerceptualUnavailable(VolditError, RuntimeError):
     """The perceptual network's pretrained weights could not be loaded (usually: no internet)."""
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from voldit.errors import VolditError
 from voldit.training.store import CheckpointStore
 
 # In validation batches: each row's position in the whole validation set (B,) int64, so a stage can give
@@ -16,8 +17,10 @@ from voldit.training.store import CheckpointStore
 VAL_ROW = "row_index"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(VolditError, RuntimeError):
     """A run that cannot go on: bad data, a mismatched checkpoint, a diverged loss."""
+
+    exit_code = 1  # the run started and failed, as distinct from a usage error
 
 
 @dataclass
