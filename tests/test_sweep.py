@@ -62,7 +62,7 @@ def test_models_and_grids_are_parsed_and_expanded():
 
 
 def test_the_results_table_counts_each_models_parameters_and_tokens():
-    from voldit.cli import describe
+    from voldit.builders import describe
     from voldit.config import load_config
 
     base = OmegaConf.to_container(load_config(CONFIGS / "tiny" / "dit.yaml"), resolve=True)

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from voldit.checkpoint import Checkpoint, CheckpointError
-from voldit.config import dit_kwargs, section_dict
+from voldit.config import dit_kwargs, section_dict, stage_of
 from voldit.diffusion.schedule import NoiseSchedule
 from voldit.models.dit import DiT3D
 from voldit.models.tgca import TGCA3D
@@ -82,3 +82,38 @@ def forward_flops(model: nn.Module, *inputs_shapes: tuple[int, ...], call=None) 
 def tokens(cfg: DictConfig) -> int:
     p = cfg.dit.params
     return math.prod(s // p.patch_size for s in p.input_size)
+
+
+def describe(cfg) -> dict:
+    """Parameter counts, tokens and forward FLOPs of the model a config describes (built on meta)."""
+    stage = stage_of(cfg)
+    info: dict = {"stage": stage}
+    with torch.device("meta"):
+        if stage == "vqgan":
+            vq = build_vqgan(cfg)
+            info["trainable_parameters"], info["total_parameters"] = count_parameters(vq)
+            info["codebook_parameters"] = info["total_parameters"] - info["trainable_parameters"]
+            if cfg.discriminator is not None:
+                info["discriminator_parameters"] = count_parameters(build_vqgan_discriminator(cfg))[0]
+            roi = tuple(cfg.training.roi_size)
+            info["roi_size"] = list(roi)
+            info["latent_shape"] = latent_shape(cfg)
+            info["encode_flops"] = forward_flops(vq, (1, 1, *roi), call=vq.encode_stage_2_inputs)
+            info["decode_flops"] = forward_flops(
+                vq, (1, *info["latent_shape"]), call=vq.decode_stage_2_outputs
+            )
+            return info
+        base = build_dit(cfg)
+        p = cfg.dit.params
+        info["tokens"] = tokens(cfg)
+        info["latent_shape"] = [p.in_channels, *p.input_size]
+        x_shape, t_shape = (1, p.in_channels, *p.input_size), (1,)
+        if stage == "dit":
+            info["trainable_parameters"], info["total_parameters"] = count_parameters(base)
+            info["forward_flops"] = forward_flops(base, x_shape, t_shape)
+        else:
+            tgca = build_tgca(cfg, base)
+            info["trainable_parameters"], info["total_parameters"] = count_parameters(tgca)
+            cond_shape = (1, cfg.tgca.params.condition_channels, *cfg.training.roi_size)
+            info["forward_flops"] = forward_flops(tgca, x_shape, t_shape, cond_shape)
+    return info

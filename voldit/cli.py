@@ -27,56 +27,10 @@ def _fmt(n: float) -> str:
     return f"{n:,}" if isinstance(n, int) else f"{n:.4g}"
 
 
-def describe(cfg) -> dict:
-    """Parameter counts, tokens and forward FLOPs of the model a config describes (built on meta)."""
-    import torch
-
-    from voldit.builders import (
-        build_dit,
-        build_tgca,
-        build_vqgan,
-        build_vqgan_discriminator,
-        count_parameters,
-        forward_flops,
-        latent_shape,
-        tokens,
-    )
-
-    stage = stage_of(cfg)
-    info: dict = {"stage": stage}
-    with torch.device("meta"):
-        if stage == "vqgan":
-            vq = build_vqgan(cfg)
-            info["trainable_parameters"], info["total_parameters"] = count_parameters(vq)
-            info["codebook_parameters"] = info["total_parameters"] - info["trainable_parameters"]
-            if cfg.discriminator is not None:
-                info["discriminator_parameters"] = count_parameters(build_vqgan_discriminator(cfg))[0]
-            roi = tuple(cfg.training.roi_size)
-            info["roi_size"] = list(roi)
-            info["latent_shape"] = latent_shape(cfg)
-            info["encode_flops"] = forward_flops(vq, (1, 1, *roi), call=vq.encode_stage_2_inputs)
-            info["decode_flops"] = forward_flops(
-                vq, (1, *info["latent_shape"]), call=vq.decode_stage_2_outputs
-            )
-            return info
-        base = build_dit(cfg)
-        p = cfg.dit.params
-        info["tokens"] = tokens(cfg)
-        info["latent_shape"] = [p.in_channels, *p.input_size]
-        x_shape, t_shape = (1, p.in_channels, *p.input_size), (1,)
-        if stage == "dit":
-            info["trainable_parameters"], info["total_parameters"] = count_parameters(base)
-            info["forward_flops"] = forward_flops(base, x_shape, t_shape)
-        else:
-            tgca = build_tgca(cfg, base)
-            info["trainable_parameters"], info["total_parameters"] = count_parameters(tgca)
-            cond_shape = (1, cfg.tgca.params.condition_channels, *cfg.training.roi_size)
-            info["forward_flops"] = forward_flops(tgca, x_shape, t_shape, cond_shape)
-    return info
-
-
 @command("info")
 def _info(args: argparse.Namespace) -> int:
+    from voldit.builders import describe
+
     cfg = load_config(*args.config, overrides=args.set)
     info = describe(cfg)
     if args.json:

@@ -24,6 +24,7 @@ from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.util.placement_group import remove_placement_group
 
 from voldit import storage as storage_lib
+from voldit.builders import describe
 from voldit.config import ConfigError, load_config
 from voldit.distributed.runtime import ensure_ray, require_gpus, require_shared_storage
 from voldit.models.dit import DIT_MODELS
@@ -230,8 +231,6 @@ def sweep(
     Re-running with the same ``name`` and ``storage`` restores the sweep (with the settings it started
     with): finished and ASHA-stopped trials keep their results, unfinished and failed ones resume.
     """
-    from voldit.cli import describe
-
     models = [model_name(m) for m in (models or DEFAULT_MODELS)]
     trials = trial_configs(base_config, models, grid or {})
     for url, what in ((storage, "storage"), (train_data, "training data"), (val_data, "validation data")):
