@@ -94,7 +94,14 @@ def give_weight(module: torch.nn.Module) -> torch.nn.Module:
 
 def random_dit(name: str, input_size, device, attention: str = "sdpa", dropout: float = 0.0) -> DiT3D:
     torch.manual_seed(0)
-    model = DiT3D(**DIT_MODELS[name], input_size=input_size, attention=attention, dropout=dropout)
+    # Dropout everywhere, attention weights included: the compile check's masks cover every draw.
+    model = DiT3D(
+        **DIT_MODELS[name],
+        input_size=input_size,
+        attention=attention,
+        dropout=dropout,
+        attention_dropout=dropout,
+    )
     return give_weight(model).to(device).eval()
 
 

@@ -50,3 +50,21 @@ def test_pinned_sdpa_kernels_agree_with_math_eager_and_compiled(backend):
     with torch.no_grad():
         torch.testing.assert_close(pinned(x), reference(x), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.compile(pinned)(x), reference(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_projection_dropout_alone_leaves_attention_weights_undropped(backend):
+    """attention_dropout 0 beside dropout 0.1 after the projection (the authors' trained recipe): in training
+    mode the projection's mask is the only random draw, so the output is the eval-mode output dropped with
+    that mask. Dropping the attention weights too (the control) draws a mask first and breaks the equality."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 50, 64)
+    for attn_drop, equal in ((0.0, True), (0.1, False)):
+        attn = Attention(64, 8, attn_drop=attn_drop, proj_drop=0.1, backend=backend)
+        with torch.no_grad():
+            undropped = attn.eval()(x)
+            torch.manual_seed(1)
+            want = torch.nn.functional.dropout(undropped, p=0.1, training=True)
+            torch.manual_seed(1)
+            got = attn.train()(x)
+        assert torch.equal(got, want) is equal

@@ -78,6 +78,22 @@ def test_tgca_checkpoint_is_self_contained(tmp_path, tiny_tgca_cfg):
     assert torch.equal(rebuilt(x, t, c), tgca.eval()(x, t, c))
 
 
+def test_checkpoint_saved_before_attention_dropout_loads(tmp_path, tiny_dit_cfg):
+    """A config.yaml written before dit.params.attention_dropout existed: the schema's default (0, the
+    authors' trained recipe) fills it in and the weights load as they are (dropout holds no parameters)."""
+    import yaml
+
+    model = randomize(build_dit(tiny_dit_cfg))
+    path = save_checkpoint(tmp_path / "old", config=tiny_dit_cfg, stage="dit", model=model.state_dict())
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    del saved["dit"]["params"]["attention_dropout"]
+    (path / "config.yaml").write_text(yaml.safe_dump(saved))
+    ckpt = load_checkpoint(path)
+    assert ckpt.config.dit.params.attention_dropout == 0.0
+    x, t = torch.randn(1, 8, 8, 8, 4), torch.tensor([5])
+    assert torch.equal(model_from_checkpoint(ckpt)(x, t), model.eval()(x, t))
+
+
 def test_errors_name_the_problem(tmp_path, tiny_dit_cfg):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing")

@@ -63,6 +63,8 @@ def test_seed_format_files_load(tmp_path):
     assert stage_of(cfg) == "tgca"
     assert cfg.dit.params.hidden_size == 1152 and cfg.optim.lr == 5e-5
     assert "flash_attention" not in dit_kwargs(cfg)
+    # The authors' files name no dropout: the schema gives their trained recipe (none on attention weights).
+    assert dit_kwargs(cfg)["dropout"] == 0.1 and dit_kwargs(cfg)["attention_dropout"] == 0.0
 
 
 def test_stage_defaults_come_from_the_seed():
@@ -97,6 +99,11 @@ BAD = [
     ({"dit": {"params": {"num_classes": 10}}}, r"dit\.params\.num_classes asks for class labels"),
     ({"dit": {"scheduler": {"schedule": "quadratic"}}}, r"dit\.scheduler\.schedule is 'quadratic'"),
     ({"dit": {"params": {"attention": "flash3"}}}, r"dit\.params\.attention is 'flash3'"),
+    (
+        {"dit": {"params": {"attention_dropout": 1.0}}},
+        r"dit\.params\.attention_dropout is 1\.0; use a probability in \[0, 1\)",
+    ),
+    ({"dit": {"params": {"dropout": -0.1}}}, r"dit\.params\.dropout is -0\.1; use a probability"),
     (
         {"dit": {}, "tgca": {"params": {"inject_layers": 30}}},
         r"tgca\.params\.inject_layers is 30 for a DiT of depth 24",

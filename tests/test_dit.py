@@ -26,6 +26,9 @@ def test_seed_configs_match_reference_parameter_counts(name):
         model = build_dit(cfg)
     assert count_parameters(model)[0] == REFERENCE_PARAMS[name]
     assert model.num_tokens == 64 * 64 * 32 // cfg.dit.params.patch_size**3
+    # The authors' trained recipe: dropout after the projection and in the MLP, none on attention weights.
+    for block in model.blocks:
+        assert (block.attn.attn_drop, block.attn.proj_drop.p, block.mlp.drop.p) == (0.0, 0.1, 0.1)
 
 
 def test_presets_cover_the_eight_configs():
@@ -125,3 +128,32 @@ def test_compiled_blocks_drop_what_eager_blocks_drop():
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     other, _ = run(compile_blocks(copy.deepcopy(model), eager_rng=False))
     assert not torch.allclose(other, want)
+
+
+def test_attention_dropout_key_reaches_every_attention_module():
+    cfg = load_config(
+        CONFIGS / "tiny" / "dit.yaml",
+        overrides=["dit.params.attention_dropout=0.3", "dit.params.dropout=0.2"],
+    )
+    model = build_dit(cfg)
+    assert [b.attn.attn_drop for b in model.blocks] == [0.3] * cfg.dit.params.depth
+    assert [b.attn.proj_drop.p for b in model.blocks] == [0.2] * cfg.dit.params.depth
+    assert [b.mlp.drop.p for b in model.blocks] == [0.2] * cfg.dit.params.depth
+
+
+@pytest.mark.parametrize("attention", ["math", "sdpa"])
+def test_attention_dropout_alone_changes_a_training_forward_pass(attention):
+    """With every other dropout off, a training-mode pass equals the eval-mode pass exactly when
+    attention_dropout is 0, and differs when it is not."""
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 4, 4, 4, generator=g), torch.tensor([3, 250])
+    dims = dict(input_size=(4, 4, 4), patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4)
+    for attention_dropout, equal in ((0.0, True), (0.3, False)):
+        torch.manual_seed(0)
+        model = randomize(
+            DiT3D(**dims, dropout=0.0, attention=attention, attention_dropout=attention_dropout)
+        )
+        with torch.no_grad():
+            want = model.eval()(x, t)
+            got = model.train()(x, t)
+        assert torch.equal(got, want) is equal

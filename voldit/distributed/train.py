@@ -162,7 +162,11 @@ def _tgca_config(cfg: DictConfig, base: Checkpoint) -> DictConfig:
     if cfg.dit is not None:
         mine = section_dict(cfg.dit)
         for section in ("params", "scheduler"):
-            arch = {k: v for k, v in mine[section].items() if k not in ("dropout", "attention")}
+            arch = {
+                k: v
+                for k, v in mine[section].items()
+                if k not in ("dropout", "attention_dropout", "attention")
+            }
             diff = {k: (v, theirs[section].get(k)) for k, v in arch.items() if theirs[section].get(k) != v}
             if diff:
                 raise TrainingError(

@@ -86,15 +86,32 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """AdaLN-Zero transformer block; an optional control (B, N, C) is added to the modulated attention input."""
+    """AdaLN-Zero transformer block; an optional control (B, N, C) is added to the modulated attention input.
+
+    ``dropout`` applies after the attention projection and in the MLP, ``attention_dropout`` to the
+    attention weights (softmax(q k^T)).
+    """
 
     def __init__(
-        self, hidden_size: int, num_heads: int, mlp_ratio: float, dropout: float, attention: str
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float,
+        dropout: float,
+        attention: str,
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
         self.control_norm = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
-        self.attn = Attention(hidden_size, num_heads, True, dropout, dropout, attention)
+        self.attn = Attention(
+            hidden_size,
+            num_heads,
+            qkv_bias=True,
+            attn_drop=attention_dropout,
+            proj_drop=dropout,
+            backend=attention,
+        )
         self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
@@ -144,7 +161,8 @@ class DiT3D(nn.Module):
     """VolDiT denoiser: latent (B, C, D, H, W) and timestep (B,) -> prediction of the same shape.
 
     The forward pass is ``embed`` -> ``run_blocks`` -> ``head``; adapters such as TGCA drive these pieces
-    and pass one control tensor per block.
+    and pass one control tensor per block. ``dropout`` acts after each attention projection and in each
+    MLP, ``attention_dropout`` on the attention weights (the authors' trained models: 0.1 and 0).
     """
 
     def __init__(
@@ -158,6 +176,7 @@ class DiT3D(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
         attention: str = "sdpa",
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if any(s % patch_size for s in input_size):
@@ -172,7 +191,8 @@ class DiT3D(nn.Module):
         # Fixed, not learned; persistent so the state dict matches the reference layout.
         self.register_buffer("pos_embed", sincos_3d(hidden_size, self.x_embedder.grid_size).unsqueeze(0))
         self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, dropout, attention) for _ in range(depth)
+            DiTBlock(hidden_size, num_heads, mlp_ratio, dropout, attention, attention_dropout)
+            for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._init_weights()
