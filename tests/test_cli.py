@@ -39,3 +39,18 @@ def test_python_dash_m_entry_point():
         check=False,
     )
     assert result.returncode == 0 and "trainable parameters" in result.stdout
+
+
+def test_sampler_flag_takes_dpmpp_and_eta_only_with_ddim(tmp_path, capsys):
+    from voldit.cli import _settings, build_parser
+
+    for verb in (["sample", "--checkpoint", "c"], ["synthesize", "--csv", "m.csv", "--tgca", "c"]):
+        args = build_parser().parse_args(
+            [*verb, "--output", str(tmp_path), "--sampler", "dpmpp", "--steps", "20"]
+        )
+        settings = _settings(args)
+        assert settings.recorded() == {"sampler": "dpmpp", "steps": 20, "eta": 0.0, "guidance": 1.0}
+    # eta would be recorded with the volumes although dpmpp never reads it: refused before any work.
+    argv = ["sample", "--checkpoint", "c", "--output", str(tmp_path), "--sampler", "dpmpp", "--eta", "0.5"]
+    assert main(argv) == 2
+    assert "eta is DDIM's noise; the dpmpp sampler takes none" in capsys.readouterr().err

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
@@ -85,7 +87,11 @@ def test_short_schedules_use_the_reference_spacing():
 
 # Golden numbers: (sum, first voxel) of a sample from the fixture model; they change only if the
 # schedule, the sampler, the model or the noise stream changes.
-GOLDEN = {("ddpm", 300): (-31.0163, 1.0206), ("ddim", 20): (19.3111, -1.4297)}
+GOLDEN = {
+    ("ddpm", 300): (-31.0163, 1.0206),
+    ("ddim", 20): (19.3111, -1.4297),
+    ("dpmpp", 20): (20.9847, -1.5082),
+}
 
 
 @pytest.mark.parametrize(("sampler", "steps"), sorted(GOLDEN))
@@ -157,3 +163,144 @@ def test_schedule_table_is_copied_to_each_device_once():
     cpu = torch.zeros(2, 3)
     want = schedule.alphas_cumprod[torch.tensor([3, 7])].float().view(2, 1)
     assert torch.equal(schedule.abar(torch.tensor([3, 7]), cpu), want)
+
+
+def test_log_snr_timesteps():
+    s = NoiseSchedule(300)
+    for steps in (1, 2, 10, 25, 100, 300):
+        ts = s.log_snr_timesteps(steps)
+        assert len(set(ts)) == steps and ts == sorted(ts, reverse=True) and ts[-1] == 0
+        assert ts[0] == s.inference_timesteps(steps)[0]  # the same start as DDPM and DDIM
+    assert s.log_snr_timesteps(300) == list(range(299, -1, -1))
+    # Between the first timestep and the consecutive ones near t = 0, the log-SNR steps are near equal.
+    ts = s.log_snr_timesteps(10)
+    h = [float(s.half_log_snr[b] - s.half_log_snr[a]) for a, b in zip(ts, ts[1:], strict=False)]
+    assert max(h[:-2]) / min(h[:-2]) < 1.2, h
+
+
+def _lambda(s, t):
+    abar = s.alphas_cumprod[t].item()
+    return math.log(math.sqrt(abar) / math.sqrt(1 - abar))
+
+
+def test_dpmpp_matches_a_step_computed_by_hand():
+    """Three steps: first order from the noise, second order (multistep) with the first step's x0, and the
+    last one to the data prediction; each written out from Lu et al. (2022), Algorithm 2 (DPM-Solver++(2M))."""
+    s = NoiseSchedule(300)
+
+    def denoise(x, t):  # a v-prediction that depends on x and, non-linearly, on t
+        return 0.3 * x + torch.sin(t.double() / 50).view(-1, 1, 1, 1, 1)
+
+    shape = (2, 3, 2, 2, 2)
+    got = sample(denoise, s, shape, torch.Generator().manual_seed(5), "dpmpp", steps=3, dtype=torch.float64)
+
+    t0, t1, t2 = s.log_snr_timesteps(3)
+    alpha = {t: math.sqrt(s.alphas_cumprod[t].item()) for t in (t0, t1, t2)}
+    sigma = {t: math.sqrt(1 - s.alphas_cumprod[t].item()) for t in (t0, t1, t2)}
+
+    def x0_of(x, t):  # v-prediction: x0 = alpha x - sigma v
+        return alpha[t] * x - sigma[t] * denoise(x, torch.full((shape[0],), t))
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5)).double()
+    d0 = x0_of(x, t0)
+    h1 = _lambda(s, t1) - _lambda(s, t0)
+    x = sigma[t1] / sigma[t0] * x - alpha[t1] * (math.exp(-h1) - 1) * d0  # first order
+    d1 = x0_of(x, t1)
+    h2 = _lambda(s, t2) - _lambda(s, t1)
+    r = h1 / h2
+    d = (1 + 1 / (2 * r)) * d1 - 1 / (2 * r) * d0
+    x = sigma[t2] / sigma[t1] * x - alpha[t2] * (math.exp(-h2) - 1) * d  # second order
+    want = x0_of(x, t2)  # to t = -1: the data prediction
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    first_order_only = sigma[t2] / sigma[t1] * x - alpha[t2] * (math.exp(-h2) - 1) * d1
+    assert not torch.allclose(x, first_order_only)  # the second-order term matters in this example
+
+
+class _GaussianData:
+    """Data x0 ~ N(mu, std^2) per channel, and its exact v-prediction: the posterior mean
+    E[x0 | x_t] = mu + alpha std^2 / (alpha^2 std^2 + sigma^2) (x_t - alpha mu) turned into v. Channels
+    range from sharp (std 0.05, nearly a point mass) to wide (std 2)."""
+
+    def __init__(self, schedule):
+        self.s = schedule
+        self.mu = torch.tensor([0.3, -0.5, 1.0, 0.0], dtype=torch.float64).view(1, 4, 1, 1, 1)
+        self.std = torch.tensor([0.05, 0.5, 1.0, 2.0], dtype=torch.float64).view(1, 4, 1, 1, 1)
+
+    def _coefficients(self, t):
+        abar = self.s.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def posterior_mean(self, x, alpha, sigma):
+        gain = alpha * self.std**2 / (alpha**2 * self.std**2 + sigma**2)
+        return self.mu + gain * (x - alpha * self.mu)
+
+    def __call__(self, x, t):
+        alpha, sigma = self._coefficients(t)
+        x0 = self.posterior_mean(x, alpha, sigma)
+        return alpha * (x - alpha * x0) / sigma - sigma * x0  # v = alpha eps - sigma x0
+
+    def exact(self, noise, t_start):
+        """The sampler's output without discretisation error: the probability-flow ODE from ``noise`` at
+        t_start to t = 0 (it keeps each value's standardised position in the Gaussian marginal), then the
+        data prediction there."""
+        a1, s1 = self._coefficients(torch.tensor([t_start]))
+        a0, s0 = self._coefficients(torch.tensor([0]))
+        z = (noise - a1 * self.mu) / (a1**2 * self.std**2 + s1**2).sqrt()
+        x_0 = a0 * self.mu + (a0**2 * self.std**2 + s0**2).sqrt() * z
+        return self.posterior_mean(x_0, a0, s0)
+
+
+def test_dpmpp_converges_on_gaussian_data_and_beats_ddim():
+    s = NoiseSchedule(300)
+    data = _GaussianData(s)
+    shape = (64, 4, 2, 2, 2)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0)).double()  # what sample() draws
+
+    def error(sampler, steps):
+        """RMS distance to the exact solution, in units of each channel's data std."""
+        start = (s.log_snr_timesteps if sampler == "dpmpp" else s.inference_timesteps)(steps)[0]
+        got = sample(data, s, shape, torch.Generator().manual_seed(0), sampler, steps, dtype=torch.float64)
+        return ((got - data.exact(noise, start)) / data.std).square().mean().sqrt().item()
+
+    dpmpp = {steps: error("dpmpp", steps) for steps in (5, 10, 20)}
+    ddim = {steps: error("ddim", steps) for steps in (5, 10, 20)}
+    assert dpmpp[5] > dpmpp[10] > dpmpp[20]  # measured 0.066, 0.016, 0.0069
+    assert dpmpp[10] < 0.03 and dpmpp[20] < 0.01
+    for steps in dpmpp:  # DDIM measured 0.37, 0.28, 0.19: first order, its last step is long
+        assert dpmpp[steps] < ddim[steps] / 5
+
+
+def test_dpmpp_is_deterministic_given_the_generator(tiny_dit):
+    s = NoiseSchedule(300)
+    run = lambda gen: sample(tiny_dit, s, (2, 4, 4, 4, 4), gen, "dpmpp", steps=10)  # noqa: E731
+    first = run(torch.Generator().manual_seed(7))
+    assert torch.equal(run(torch.Generator().manual_seed(7)), first)
+    assert not torch.allclose(run(torch.Generator().manual_seed(8)), first)
+    # One generator per sample: a sample does not depend on its batch-mates.
+    gens = lambda seeds: [torch.Generator().manual_seed(k) for k in seeds]  # noqa: E731
+    pair = run(gens([11, 12]))
+    alone = sample(tiny_dit, s, (1, 4, 4, 4, 4), gens([12]), "dpmpp", steps=10)
+    torch.testing.assert_close(pair[1:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_dpmpp_passes_conditions_through_guidance():
+    """The sampler is the only thing that changes: the same denoiser with classifier-free guidance and
+    conditioning keywords runs under dpmpp as under ddim."""
+
+    def denoise(x, t, condition):
+        return 0.1 * x + condition.mean(dim=(1, 2, 3, 4), keepdim=True)
+
+    s, c = NoiseSchedule(300), torch.ones(2, 1, 2, 2, 2)
+    guided = classifier_free(denoise, 3.0)
+    for sampler in ("ddim", "dpmpp"):
+        x = sample(guided, s, (2, 1, 2, 2, 2), torch.Generator().manual_seed(0), sampler, 8, condition=c)
+        plain = sample(denoise, s, (2, 1, 2, 2, 2), torch.Generator().manual_seed(0), sampler, 8, condition=c)
+        assert torch.isfinite(x).all() and not torch.allclose(x, plain)
+
+
+def test_eta_belongs_to_ddim():
+    s = NoiseSchedule(300)
+    with pytest.raises(ValueError, match="eta is DDIM's noise; the dpmpp sampler takes none"):
+        sample(lambda x, t: x, s, (1, 1, 2, 2, 2), torch.Generator(), "dpmpp", steps=2, eta=0.5)
+    with pytest.raises(ValueError, match="the ddpm sampler takes none"):
+        sample(lambda x, t: x, s, (1, 1, 2, 2, 2), torch.Generator(), "ddpm", steps=2, eta=0.5)

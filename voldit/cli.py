@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from voldit.config import ConfigError, load_config, stage_of, to_yaml
+from voldit.diffusion.samplers import SAMPLERS
 
 log = logging.getLogger("voldit")
 
@@ -632,9 +633,16 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="VQ-GAN checkpoint (default: the one recorded in the diffusion checkpoint)",
     )
-    parser.add_argument("--sampler", "--scheduler", dest="sampler", choices=["ddpm", "ddim"], default="ddpm")
+    parser.add_argument(
+        "--sampler",
+        "--scheduler",
+        dest="sampler",
+        choices=SAMPLERS,
+        default="ddpm",
+        help="ddpm (the paper's, 300 steps), ddim, or dpmpp (DPM-Solver++(2M), for 10-25 steps)",
+    )
     parser.add_argument("--steps", "--timesteps", dest="steps", type=int, default=300, help="denoising steps")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic; ddim only)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (rows without a seed column)")
     parser.add_argument(
         "--batch-size", "--batch_size", dest="batch_size", type=int, default=4, help="volumes per pass"

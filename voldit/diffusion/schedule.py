@@ -58,6 +58,8 @@ class NoiseSchedule:
         self.prediction_type = prediction_type
         self.betas = _BETAS[schedule](num_train_timesteps)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, dim=0)
+        # lambda_t = log(alpha_t / sigma_t): half the log signal-to-noise ratio, DPM-Solver's time variable.
+        self.half_log_snr = 0.5 * (self.alphas_cumprod.log() - torch.log1p(-self.alphas_cumprod))
         self._tables: dict[torch.device, torch.Tensor] = {}
 
     def abar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -105,3 +107,20 @@ class NoiseSchedule:
             raise ValueError(f"steps must be between 1 and {self.num_train_timesteps}, got {steps}")
         ratio = self.num_train_timesteps // steps
         return [i * ratio for i in range(steps)][::-1]
+
+    def log_snr_timesteps(self, steps: int) -> list[int]:
+        """``steps`` distinct descending timesteps from ``inference_timesteps(steps)[0]`` down to 0, as evenly
+        spaced in lambda_t as integer timesteps allow.
+
+        Near t = 0 lambda changes by more per timestep than the spacing asks for; there the timesteps are
+        consecutive. ``steps`` == T gives every timestep.
+        """
+        start = self.inference_timesteps(steps)[0]
+        lam = self.half_log_snr[: start + 1]
+        targets = torch.linspace(float(lam[0]), float(lam[start]), steps, dtype=torch.float64)
+        chosen: list[int] = []
+        for k, target in enumerate(targets):  # from t = 0 upwards
+            nearest = int((lam - target).abs().argmin())
+            lowest = chosen[-1] + 1 if chosen else 0
+            chosen.append(min(max(nearest, lowest), start - (steps - 1 - k)))
+        return chosen[::-1]
