@@ -138,6 +138,18 @@ def test_identical_sets_score_as_identical_and_noise_far_worse(real_set, runs, t
     assert same["mask_fidelity"]["label_median_hu_abs_error"] == 0.0
     fidelity = same["mask_fidelity"]
     assert fidelity["tissue_dice_mean"] == fidelity["tissue_dice_real"] > 0.5  # the real CTs' own score
+    # Per label (the quality gate's measures): the real set against itself overlaps its own 5-95% range
+    # by about 90%; uniform noise puts most of an organ's voxels outside it.
+    per_label = fidelity["per_label"]
+    assert len(per_label) >= 5 and "0" in per_label
+    for entry in per_label.values():
+        assert entry["generated_median"] == entry["real_median"]
+        assert 0.75 <= entry["generated_inside"] <= 1.0  # small labels: few distinct HU values
+    assert np.mean([e["generated_inside"] for e in per_label.values()]) == pytest.approx(0.9, abs=0.04)
+    noisy = runs["uniform"]["mask_fidelity"]["per_label"]
+    organs = [k for k in noisy if k != "0"]
+    assert organs and all(noisy[k]["generated_inside"] < per_label[k]["generated_inside"] for k in organs)
+    assert np.mean([noisy[k]["generated_inside"] for k in organs]) < 0.2
 
     # Shuffling voxels keeps each volume's HU histogram (so that distance stays 0) but destroys anatomy.
     assert shuffled["hu_histogram"]["wasserstein_hu"] == pytest.approx(0.0, abs=1e-9)
@@ -271,6 +283,8 @@ def test_evaluate_command_writes_the_report(real_set, held_out, tmp_path):
         assert "real half A vs B" in text and "HU-histogram noise" in text
     for half in results["baselines"]["real_halves"]["half_a"]:
         assert half in report
+    assert "## Per label" in report
+    assert all(f"| {label} |" in report for label in results["mask_fidelity"]["per_label"])
     assert (
         main(
             [

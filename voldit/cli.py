@@ -10,8 +10,10 @@ from collections.abc import Callable, Sequence
 
 from voldit.config import ConfigError, load_config, stage_of, to_yaml
 from voldit.diffusion.samplers import SAMPLERS
+from voldit.qc import QCThresholds
 
 log = logging.getLogger("voldit")
+QC_DEFAULTS = QCThresholds()
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -184,19 +186,24 @@ def _sweep(args: argparse.Namespace) -> int:
 
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
-    from voldit.demo import run_demo
+    from voldit.demo import DEFAULT_QC, run_demo
 
-    run_demo(args.output, args.cache, overrides=args.set)
+    run_demo(args.output, args.cache, overrides=args.set, qc=None if args.no_qc else DEFAULT_QC)
     return 0
 
 
 @command("pipeline")
 def _pipeline(args: argparse.Namespace) -> int:
-    from voldit.demo import run_demo, run_pipeline
+    from voldit.demo import DEFAULT_QC, run_demo, run_pipeline
 
     if args.example_data:
         run_demo(
-            args.output, args.cache, args.set, workers=args.workers, gpus_per_worker=args.gpus_per_worker
+            args.output,
+            args.cache,
+            args.set,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            qc=None if args.no_qc else DEFAULT_QC,
         )
         return 0
     if not (args.train and args.val and args.masks):
@@ -215,6 +222,7 @@ def _pipeline(args: argparse.Namespace) -> int:
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,
         overrides=args.set,
+        qc=None if args.no_qc else DEFAULT_QC,
     )
     return 0
 
@@ -273,6 +281,19 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _qc(args: argparse.Namespace) -> dict | None:
+    """The quality gate's settings from the flags, or None without --qc."""
+    if not args.qc:
+        return None
+    if args.qc_retries < 0:
+        raise ConfigError(f"--qc-retries must be 0 or more, got {args.qc_retries}")
+    try:
+        QCThresholds(min_voxels=args.qc_min_voxels, min_inside=args.qc_min_inside)
+    except ValueError as error:
+        raise ConfigError(f"quality gate: {error} (--qc-min-voxels, --qc-min-inside)") from None
+    return {"min_voxels": args.qc_min_voxels, "min_inside": args.qc_min_inside, "retries": args.qc_retries}
+
+
 @command("synthesize")
 def _synthesize(args: argparse.Namespace) -> int:
     from voldit.distributed.synthesize import synthesize
@@ -290,12 +311,20 @@ def _synthesize(args: argparse.Namespace) -> int:
         allow_unseen_labels=args.allow_unseen_labels,
         previews=not args.no_previews,
         address=args.address,
+        qc=_qc(args),
     )
     rate = f" ({summary.volumes_per_hour:,.0f} volumes/h)" if summary.volumes_per_hour else ""
     print(
         f"{summary.total} rows: {summary.synthesized} synthesised{rate}, {summary.skipped} already done, "
         f"{len(summary.failed)} failed"
     )
+    if summary.qc:
+        q = summary.qc
+        worst = ", ".join(f"label {k} x{v}" for k, v in list(q["label_failures"].items())[:5]) or "none"
+        print(
+            f"quality gate: {q['first_try']} of {q['rows']} passed at the first sampling, "
+            f"{q['after_retries']} after retries, {q['failed']} failed; labels failing most: {worst}"
+        )
     print(f"manifest: {summary.manifest}")
     if summary.contact_sheet:
         print(f"contact sheet: {summary.contact_sheet}")
@@ -494,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--cache", default=".cache/examples", help="where the example CTs are kept")
     demo.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every stage")
+    demo.add_argument("--no-qc", action="store_true", help="synthesise without the quality gate")
 
     pipe = verbs.add_parser(
         "pipeline", help="the whole pipeline (train all stages, encode, sample, synthesise, evaluate) on CSVs"
@@ -514,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache", default=".cache/examples", help="with --example-data: where the CTs are kept"
     )
     pipe.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every stage")
+    pipe.add_argument("--no-qc", action="store_true", help="synthesise without the quality gate")
     _cluster_flags(pipe, address=False)
 
     smp = verbs.add_parser(
@@ -561,6 +592,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthesise from masks with label values the TGCA never saw in training",
     )
     syn.add_argument("--no-previews", action="store_true", help="skip the preview PNGs and contact sheet")
+    syn.add_argument(
+        "--qc",
+        action="store_true",
+        help="check each volume's HU per label against the real training data; sample failures again",
+    )
+    syn.add_argument(
+        "--qc-retries", type=int, default=2, help="samplings with the next seed after a failed gate (--qc)"
+    )
+    syn.add_argument(
+        "--qc-min-inside",
+        type=float,
+        default=QC_DEFAULTS.min_inside,
+        help="share of a label's voxels that must lie in the real 5-95%% HU range (--qc)",
+    )
+    syn.add_argument(
+        "--qc-min-voxels",
+        type=int,
+        default=QC_DEFAULTS.min_voxels,
+        help="labels with fewer voxels are not judged (--qc)",
+    )
     _cluster_flags(syn)
     _sampling_flags(syn)
 

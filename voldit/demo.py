@@ -17,11 +17,17 @@ from pathlib import Path
 from voldit import storage
 from voldit.config import load_config
 from voldit.data.examples import fetch_examples, write_crops
+from voldit.qc import QCThresholds, settings_dict
+from voldit.synthesis import SynthesisError
 
 log = logging.getLogger(__name__)
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 TINY_CONFIGS = {"vqgan": TINY / "vqgan.yaml", "dit": TINY / "dit.yaml", "tgca": TINY / "tgca.yaml"}
+
+
+# The quality gate of the pipeline's synthesis: voldit.qc's default thresholds and two more samplings.
+DEFAULT_QC = settings_dict(QCThresholds(), retries=2)
 
 
 def _csv(path: Path, rows, header: str = "image,mask") -> Path:
@@ -41,10 +47,12 @@ def run_pipeline(
     overrides: Sequence[str] = (),
     samples: int = 4,
     say=print,
+    qc: dict | None = DEFAULT_QC,
 ) -> dict[str, str]:
     """Train all three stages on ``train_csv``/``val_csv`` (image,mask), then sample, synthesise one
     volume per row of ``masks_csv`` and, for a local output, evaluate against the validation CTs.
-    ``overrides`` (key=value) apply to every stage's config. Re-running resumes every step."""
+    ``overrides`` (key=value) apply to every stage's config. Re-running resumes every step. Synthesis
+    runs the quality gate ``qc`` (None: off); rows that fail are reported and the rest go on."""
     from voldit.distributed.encode import encode
     from voldit.distributed.synthesize import synthesize
     from voldit.distributed.train import train
@@ -91,11 +99,20 @@ def run_pipeline(
     say(f"[pipeline] TGCA: validation loss {tgca.metrics['val_loss']:.4f} -> {tgca.best}")
     results["synthetic"] = storage.join(output, "synthetic")
     summary = synthesize(masks_csv, tgca.best, results["synthetic"], batch_size=4, workers=workers,
-                         gpus_per_worker=gpus_per_worker, progress=False)  # fmt: skip
-    if summary.failed:
-        raise RuntimeError(f"synthesis failed for {summary.failed}")
-    say(f"[pipeline] {summary.synthesized + summary.skipped} volumes, one per mask (DDPM-300) -> "
+                         gpus_per_worker=gpus_per_worker, progress=False, qc=qc)  # fmt: skip
+    failed = [row for row in summary.failed if row["status"] != "qc_failed"]
+    made = summary.total - len(failed)  # volumes written, whether they passed the gate or not
+    say(f"[pipeline] {made} of {summary.total} volumes, one per mask (DDPM-300) -> "
         f"{storage.join(results['synthetic'], 'volumes')}; previews: {summary.contact_sheet}")  # fmt: skip
+    if summary.qc:
+        q = summary.qc
+        worst = ", ".join(f"label {k} x{v}" for k, v in list(q["label_failures"].items())[:5]) or "none"
+        say(f"[pipeline] quality gate: {q['first_try']} of {q['rows']} passed at the first sampling, "
+            f"{q['after_retries']} after retries, {q['failed']} failed; labels failing most: {worst}")  # fmt: skip
+    for row in failed[:10]:
+        say(f"[pipeline]   failed {row['id']}: {row['error']}")
+    if not made:
+        raise SynthesisError(f"no volume was synthesised; see {summary.manifest}")
     if not storage.is_remote(output):
         results["report"] = _evaluate(results, val_csv, train_csv, output, say)
     say(f"[pipeline] done in {time.perf_counter() - start:.0f} s; TensorBoard: tensorboard --logdir {runs}")

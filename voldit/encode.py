@@ -15,10 +15,12 @@ import torch
 
 from voldit.builders import model_from_checkpoint
 from voldit.checkpoint import load_checkpoint
+from voldit.data.intensity import unit_to_hu
 from voldit.data.latents import write_part
 from voldit.data.nifti import check_same_grid, read_volume
 from voldit.data.preprocess import prepare
 from voldit.data.workers import io_workers, load_rows
+from voldit.qc import label_histograms
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +65,12 @@ class Encoder:
             "tensor": prepared["image"],
             "affine": prepared["affine"],
         }
+        hu = unit_to_hu(prepared["image"][0]).numpy()  # the crop in the HU window the model generates
+        out["hu_histograms"] = {}
         for key in self.condition_keys:
             out[key] = prepared[key].round().to(torch.int16).numpy()
             out[f"{key}_path"] = row[key]
+            out["hu_histograms"][key] = label_histograms(hu, out[key][0])  # the quality gate's reference
         return out
 
     @torch.no_grad()

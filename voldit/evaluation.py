@@ -38,10 +38,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from voldit import storage
+from voldit import qc, storage
 from voldit.data.intensity import HU_MAX, HU_MIN, hu_to_unit
 from voldit.data.nifti import VolumeError, read_volume
 from voldit.errors import VolditError
+from voldit.synthesis import FINISHED
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,15 @@ class Item:
 
 
 def load_items(source: str | Path) -> list[Item]:
-    """A set of volumes: a `voldit synthesize` output folder (its manifest's ok rows, with masks), a CSV
+    """A set of volumes: a `voldit synthesize` output folder (its manifest's rows with a volume, with
+    masks: those that failed the quality gate too, so the model is measured, not the gate), a CSV
     with an ``image`` column (and optionally ``mask``), or a folder of NIfTI files (recursively); each
     local or in object storage (``s3://``), whose volumes are then read from there."""
     source = str(source).rstrip("/")
     manifest = storage.join(source, "manifest.csv")
     if storage.exists(manifest):
         frame = _read_csv(manifest)
-        frame = frame[frame["status"] == "ok"]
+        frame = frame[frame["status"].isin(FINISHED)]  # every volume written, gate passed or not
         key = next((c for c in ("mask", *frame.columns[1:]) if c in frame.columns), None)
         return [Item(r["id"], r["output"], r.get(key)) for r in frame.to_dict("records")]
     if source.endswith(".csv") and storage.exists(source):
@@ -245,6 +247,37 @@ def label_medians(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[int, f
         for label in np.unique(mask[mask > 0]).astype(int):
             values.setdefault(label, []).append(hu[mask == label])
     return {label: float(np.median(np.concatenate(v))) for label, v in values.items()}
+
+
+def per_label_hu(real_pairs, gen_pairs) -> dict[str, dict]:
+    """Per label, the quality gate's measures over a whole set (voldit.qc): the real median HU and 5-95%
+    range, the generated median, and the share of generated voxels inside the real range (the overlap)."""
+    histograms: dict = {}
+    for hu, mask in real_pairs:
+        qc.add_histograms(histograms, "real", qc.label_histograms(hu, np.rint(mask)))
+    for hu, mask in gen_pairs:
+        qc.add_histograms(histograms, "generated", qc.label_histograms(hu, np.rint(mask)))
+    stats = qc.reference(histograms)
+    real, generated = stats.get("real", {}), stats.get("generated", {})
+    shared = sorted(set(real) & set(generated), key=int)
+    inside = dict.fromkeys(shared, 0)
+    for hu, mask in gen_pairs:  # counted on the voxels themselves, not to a bin
+        labels = np.rint(mask).astype(np.int64)
+        window = np.clip(hu, HU_MIN, HU_MAX)
+        for label in shared:
+            values = window[labels == int(label)]
+            inside[label] += int(((values >= real[label]["p5"]) & (values <= real[label]["p95"])).sum())
+    return {
+        label: {
+            "real_median": real[label]["median"],
+            "real_p5": real[label]["p5"],
+            "real_p95": real[label]["p95"],
+            "generated_median": generated[label]["median"],
+            "generated_inside": round(inside[label] / generated[label]["voxels"], 3),
+            "generated_voxels": generated[label]["voxels"],
+        }
+        for label in shared
+    }
 
 
 @dataclass
@@ -500,6 +533,7 @@ def evaluate(
             "labels_compared": len(shared),
             "tissue_edges_hu": list(TISSUE_EDGES),
         }
+        results["mask_fidelity"]["per_label"] = per_label_hu(real_pairs, gen_pairs)
         plots["dice"] = [(k, v) for k, v in dice.items() if v is not None]
     results["_items"] = {"generated": gen_items, "real": real_items}
     return results, plots

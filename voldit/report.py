@@ -177,11 +177,33 @@ def _markdown(r: dict, figures: list[str], sheets: list[Path]) -> str:
             f"{f['tissue_edges_hu'][1]:g}, {TISSUES[1]} between; each label's class is its majority class in "
             "the real CTs.",
         ]
+    if (r.get("mask_fidelity") or {}).get("per_label"):
+        lines += ["", *_per_label_markdown(r["mask_fidelity"]["per_label"])]
     lines += ["", *_baselines_markdown(r), ""]
     lines += [f"![{name}]({name})" for name in figures]
     lines += ["", "Previews (axial, coronal, sagittal; second row: mask outlines):", ""]
     lines += [f"![{sheet.stem}]({sheet.name})" for sheet in sheets]
     return "\n".join(lines) + "\n"
+
+
+def _per_label_markdown(per_label: dict) -> list[str]:
+    """The quality gate's measures per label (voldit.qc), over the whole sets."""
+    lines = [
+        "## Per label",
+        "",
+        "HU inside each label of the masks, real against generated; overlap: the share of generated voxels "
+        "within the real 5-95% range (90% for the real set by construction). `voldit synthesize --qc` "
+        "checks each volume the same way.",
+        "",
+        "| label | real median HU | real 5-95% | generated median HU | overlap | generated voxels |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, e in per_label.items():
+        lines.append(
+            f"| {label} | {e['real_median']:.0f} | {e['real_p5']:.0f}..{e['real_p95']:.0f} | "
+            f"{e['generated_median']:.0f} | {e['generated_inside']:.0%} | {e['generated_voxels']:,} |"
+        )
+    return lines
 
 
 def _baselines_markdown(r: dict) -> list[str]:

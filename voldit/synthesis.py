@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from voldit import storage
-from voldit.data.intensity import unit_to_hu_int16
+from voldit.data.intensity import unit_to_hu, unit_to_hu_int16
 from voldit.data.manifest import read_manifest
 from voldit.data.nifti import (
     VolumeError,
@@ -47,6 +47,8 @@ from voldit.data.preprocess import PreparedCondition, prepare_condition
 from voldit.data.workers import io_workers, load_rows
 from voldit.errors import VolditError
 from voldit.previews import preview, save_png
+from voldit.qc import QCThresholds
+from voldit.qc import score as qc_score
 from voldit.sampling import Pipeline, SamplingSettings, seed_for
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,9 @@ RUN_INFO = "run.json"
 CONTACT_SHEET = "contact_sheet.png"
 JOURNAL = "journal"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+FINISHED = ("ok", "qc_failed")  # final statuses: a resumed run does not redo these rows
 
 
 class SynthesisError(VolditError, RuntimeError):
@@ -130,7 +135,7 @@ class Layout:
                 record = json.loads(data)
             except json.JSONDecodeError:
                 continue
-            if record.get("status") == "ok":
+            if record.get("status") in FINISHED:
                 out[record["name"]] = record
         return out
 
@@ -185,10 +190,11 @@ class Journal:
         return journal
 
     def done(self) -> set[str]:
-        """The rows finished with status ok (a local output's volume is checked too): what a run skips."""
+        """The rows finished (ok, or failed the quality gate after its retries; a local output's volume is
+        checked too): what a run skips."""
         if not self.layout.remote:
             return {n for n, r in self.records.items() if is_complete(self.layout, r)}
-        return {n for n, r in self.records.items() if r.get("status") == "ok"}
+        return {n for n, r in self.records.items() if r.get("status") in FINISHED}
 
     def add(self, record: dict) -> None:
         """A finished row's record (already written to ``records/`` by whoever finished it)."""
@@ -233,7 +239,7 @@ def read_record(layout: Layout, name: str) -> dict | None:
 def is_complete(layout: Layout, record: dict | None) -> bool:
     """A row of a local output is done when its record says ok and its volume is there with the
     recorded shape."""
-    if not record or record.get("status") != "ok":
+    if not record or record.get("status") not in FINISHED:
         return False
     path = layout.volume(record["name"])
     try:
@@ -274,6 +280,18 @@ def plan_rows(csv: str | Path, condition_keys: list[str], base_seed: int = 0) ->
     return frame
 
 
+def qc_reference(pipeline: Pipeline) -> dict:
+    """The quality gate's reference for the first condition key, from the TGCA checkpoint."""
+    key = pipeline.condition_keys[0]
+    ref = pipeline.hu_reference.get(key)
+    if not ref:
+        raise SynthesisError(
+            f"{pipeline.checkpoint.path} has no HU reference for {key!r} (its latents were encoded before "
+            "voldit recorded one): re-encode the training set and train the TGCA again, or run without --qc"
+        )
+    return ref
+
+
 class Synthesizer:
     """Batch of rows {id, name, seed, <condition key>: mask path} -> volumes, previews and records;
     returns one status per row. A row whose ok record is already in a remote output is not redone.
@@ -293,9 +311,15 @@ class Synthesizer:
         previews: bool = True,
         device: str | None = None,
         remote: str | None = None,
+        qc: dict | None = None,
     ) -> None:
         self.settings = SamplingSettings(**(settings or {}))
         self.pipeline = Pipeline(checkpoint, vqgan, self.settings, device, stage="tgca")
+        # The quality gate ({min_voxels, min_inside, retries}), checked on the first condition key's labels.
+        qc = dict(qc) if qc else None
+        self.qc_retries = int(qc.pop("retries", 2)) if qc else 0
+        self.qc = QCThresholds(**qc) if qc is not None else None
+        self.qc_reference = qc_reference(self.pipeline) if qc is not None else {}
         # A remote output is staged under this node's own cache, wherever the driver staged its files.
         self.layout = Layout.of(remote) if remote else Layout(Path(output))
         self.allow_unseen_labels = allow_unseen_labels
@@ -371,16 +395,26 @@ class Synthesizer:
                 results[row["id"]] = error
             else:
                 ready.append((row, *prepared))
-        if ready:
+        attempts: dict[str, list[dict]] = {}  # quality-gate attempts that failed, by row id
+        while ready:
             try:
-                records.update(self._generate(ready, start))
+                made = self._generate(ready, start, attempts)
             except Exception as error:  # noqa: BLE001 - one failing batch must not end the job
                 log.exception("batch of %d rows failed", len(ready))
                 for row, *_ in ready:
                     results[row["id"]] = f"synthesis failed: {type(error).__name__}: {error}"
+                break
+            retry = []
+            for row, *prepared in ready:
+                if "retry" in made[row["id"]]:  # failed the gate: again with the next seed
+                    attempts.setdefault(row["id"], []).append(made[row["id"]]["retry"])
+                    retry.append(({**row, "seed": int(row["seed"]) + 1}, *prepared))
+                else:
+                    records[row["id"]] = made[row["id"]]
+            ready = retry
         seconds = (time.perf_counter() - start) / max(1, len(todo))
         for row in todo:
-            if row["id"] in records and records[row["id"]]["status"] != "ok":
+            if row["id"] in records and records[row["id"]]["status"] not in FINISHED:
                 results[row["id"]] = records[row["id"]]["error"]
             if results[row["id"]]:
                 failed = self._record(row, status="failed", error=results[row["id"]], seconds=seconds)
@@ -394,11 +428,11 @@ class Synthesizer:
             "reused": [r["name"] in found for r in rows],
         }
 
-    def _generate(self, ready: list, start: float) -> dict[str, dict]:
+    def _generate(self, ready: list, start: float, attempts: dict[str, list[dict]]) -> dict[str, dict]:
         """Sample the batch, then decode each volume on the device while a thread pool puts the decoded
         ones back on their masks' grids and writes them (CPU work that would otherwise leave the GPU
         idle). Returns each row's record; rows that failed after sampling have status failed (their
-        record not yet written)."""
+        record not yet written), rows to sample again for the quality gate {"retry": this attempt}."""
         condition = torch.stack([prepared.condition for _, prepared, _ in ready])  # (B, K, *roi_size)
         latents = self.pipeline.sample_latents([int(row["seed"]) for row, *_ in ready], condition)
         share = (time.perf_counter() - start) / len(ready)
@@ -411,7 +445,10 @@ class Synthesizer:
                 log.exception("decoding failed at row %s", row["id"])
                 stopped = f"synthesis failed: {type(error).__name__}: {error}"
                 break
-            jobs[row["id"]] = self._workers.submit(self._write, row, prepared, mask, image, share, began)
+            earlier = attempts.get(row["id"], [])
+            jobs[row["id"]] = self._workers.submit(
+                self._write, row, prepared, mask, image, share, began, earlier
+            )
         out = {
             row["id"]: self._record(row, status="failed", error=stopped)
             for row, *_ in ready
@@ -427,9 +464,33 @@ class Synthesizer:
                 out[row_id] = self._record(rows[row_id], status="failed", error=reason)
         return out
 
+    def _check(self, row, prepared: PreparedCondition, image: torch.Tensor) -> dict:
+        """The quality gate on the model's field of view (where the reference was measured): one attempt."""
+        labels = prepared.condition[0].round().to(torch.int64).numpy()  # the first condition key's labels
+        result = qc_score(unit_to_hu(image.float().cpu()).numpy(), labels, self.qc_reference, self.qc)
+        judged = {str(k): v for k, v in result["labels"].items() if v["passed"] is not None}
+        return {
+            "seed": int(row["seed"]),
+            "passed": result["passed"],
+            "failed": result["failed"],
+            "labels": judged,
+        }
+
     def _write(
-        self, row, prepared, mask: np.ndarray, image: torch.Tensor, share: float, began: float
+        self, row, prepared, mask: np.ndarray, image: torch.Tensor, share: float, began: float, earlier
     ) -> dict:
+        fields = {}
+        if self.qc is not None:
+            attempt = self._check(row, prepared, image)
+            if not attempt["passed"] and len(earlier) < self.qc_retries:
+                return {"retry": attempt}  # nothing written: the row is sampled again
+            fields["qc"] = [*earlier, attempt]
+            if not attempt["passed"]:
+                tries, failed = len(earlier) + 1, attempt["failed"]
+                reasons = "; ".join(failed[:3]) + (
+                    f"; {len(failed) - 3} more label(s)" if len(failed) > 3 else ""
+                )
+                fields.update(status="qc_failed", error=f"quality gate failed {tries} time(s): {reasons}")
         hu = unit_to_hu_int16(prepared.restore(image))  # back on the mask's grid
         volume = write_volume(self.layout.volume(row["name"]), hu, prepared.source_affine)
         volume = self.layout.publish(volume, keep=False)  # remote: the staging copy is not kept
@@ -444,6 +505,7 @@ class Synthesizer:
                 preview=shown,
                 shape=list(hu.shape),
                 seconds=share + time.perf_counter() - began,
+                **fields,
             )
             return write_record(self.layout, record)
         except BaseException:
@@ -468,15 +530,37 @@ def manifest_frame(frame: pd.DataFrame, records: dict[str, dict], condition_keys
         "status",
         "error",
         "seconds",
+        "attempts",
     ]
     out = []
     for row in frame.to_dict("records"):
         record = records.get(row["name"]) or {}
         line = {c: record.get(c, "") for c in columns}
-        line.update({"id": row["id"], "seed": row["seed"], **{k: row[k] for k in condition_keys}})
+        line.update(
+            {"id": row["id"], "seed": record.get("seed", row["seed"]), **{k: row[k] for k in condition_keys}}
+        )
         line["status"] = record.get("status", "not run")
+        line["attempts"] = len(record["qc"]) if record.get("qc") else ""  # quality-gate samplings
         out.append(line)
     return pd.DataFrame(out, columns=columns)
+
+
+def qc_summary(records: list[dict]) -> dict:
+    """The quality gate over a run's records: rows that passed at the first sampling, after retries, or
+    not at all, and how often each label failed an attempt (most first)."""
+    gated = [r for r in records if r.get("qc")]
+    failures: dict[str, int] = {}
+    for record in gated:
+        for attempt in record["qc"]:
+            for label, entry in attempt["labels"].items():
+                failures[label] = failures.get(label, 0) + (entry["passed"] is False)
+    return {
+        "rows": len(gated),
+        "first_try": sum(r["qc"][0]["passed"] for r in gated),
+        "after_retries": sum(len(r["qc"]) > 1 and r["qc"][-1]["passed"] for r in gated),
+        "failed": sum(not r["qc"][-1]["passed"] for r in gated),
+        "label_failures": dict(sorted(((k, v) for k, v in failures.items() if v), key=lambda kv: -kv[1])),
+    }
 
 
 def write_manifest(frame: pd.DataFrame, path: Path) -> Path:

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from voldit import storage
 from voldit.data.nifti import label_values
 from voldit.errors import VolditError
+from voldit.qc import add_histograms, reference
 
 INFO_FILE = "dataset.json"
 PART_GLOB = "part-*.parquet"
@@ -52,6 +53,8 @@ class LatentDatasetInfo:
     condition_keys: list[str] = field(default_factory=list)
     vqgan_checkpoint: str = ""
     labels: dict[str, list[int]] = field(default_factory=dict)  # label values seen per condition key
+    # HU per label value of each condition key in the real crops (voldit.qc): the quality gate's reference
+    hu_reference: dict[str, dict[str, dict]] = field(default_factory=dict)
     created: str = ""
     format: int = 1
 
@@ -75,7 +78,11 @@ def write_part(folder: str | Path, rows: list[dict], condition_keys: Sequence[st
             pa.list_(pa.float64(), 16),
         ),
     }
-    labels = {}
+    labels: dict = {}
+    histograms: dict = {}  # HU per label, summed over the part's rows (voldit.qc)
+    for row in rows:
+        for key, per_label in row.get("hu_histograms", {}).items():
+            add_histograms(histograms, key, per_label)
     for key in condition_keys:
         columns[key] = _tensor_column([r[key] for r in rows], np.int16)
         columns[f"{key}_path"] = pa.array([r[f"{key}_path"] for r in rows], pa.string())
@@ -86,6 +93,7 @@ def write_part(folder: str | Path, rows: list[dict], condition_keys: Sequence[st
         "sum": float(latents.sum(dtype=np.float64)),
         "sumsq": float(np.square(latents, dtype=np.float64).sum()),
         "labels": labels,
+        "hu_histograms": histograms,
     }
     table = pa.table(columns).replace_schema_metadata({_STATS_KEY: json.dumps(stats).encode()})
     name = f"part-{uuid.uuid4().hex[:16]}.parquet"
@@ -137,6 +145,7 @@ def summarise(
     counts, sums, squares = [], [], []
     rows = 0
     labels: dict[str, set[int]] = {k: set() for k in condition_keys}
+    histograms: dict = {}
     shape = None
     fs, _ = storage.filesystem(folder)
     for part in found:
@@ -149,6 +158,8 @@ def summarise(
         squares.append(stats["sumsq"])
         for key, values in stats.get("labels", {}).items():
             labels.setdefault(key, set()).update(values)
+        for key, per_label in stats.get("hu_histograms", {}).items():
+            add_histograms(histograms, key, per_label)
         rows += num_rows
         shape = list(meta.field("latent").type.shape)
     # fsum: exact, so the result does not depend on the order the parts were written in.
@@ -167,6 +178,7 @@ def summarise(
         condition_keys=list(condition_keys),
         vqgan_checkpoint=str(vqgan_checkpoint),
         labels={k: sorted(v) for k, v in labels.items()},
+        hu_reference=reference(histograms),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     _store_info(folder, info)

@@ -15,6 +15,7 @@ from voldit import storage
 from voldit.checkpoint import load_checkpoint
 from voldit.distributed.runtime import ensure_ray, require_gpus, require_shared_storage
 from voldit.previews import contact_sheet, save_png
+from voldit.qc import QCThresholds
 from voldit.sampling import SamplingSettings, fingerprint, resolve_vqgan
 from voldit.synthesis import (
     CONTACT_SHEET,
@@ -26,6 +27,7 @@ from voldit.synthesis import (
     Synthesizer,
     manifest_frame,
     plan_rows,
+    qc_summary,
     safe_name,
     write_manifest,
     write_record,
@@ -45,6 +47,7 @@ class SynthesisSummary:
     manifest: Path | None = None
     contact_sheet: Path | None = None
     volumes_per_hour: float | None = None
+    qc: dict | None = None  # the quality gate's counts (voldit.synthesis.qc_summary), when it ran
 
 
 def synthesize(
@@ -61,11 +64,14 @@ def synthesize(
     previews: bool = True,
     address: str | None = None,
     progress: bool = True,
+    qc: dict | None = None,
 ) -> SynthesisSummary:
     """Synthesise one volume per CSV row that has none yet in ``output``; see `voldit.synthesis`.
 
     Rows travel as paths and seeds; each actor loads the models once and samples ``batch_size`` masks
-    per denoising pass. Rows that fail are recorded with their reason and the others still run.
+    per denoising pass. Rows that fail are recorded with their reason and the others still run. With
+    ``qc`` ({min_voxels, min_inside, retries}; see `voldit.qc`) each volume passes the quality gate or is
+    sampled again with the next seed, up to ``retries`` times.
     """
     settings = settings or SamplingSettings()
     for url, what in (
@@ -81,11 +87,18 @@ def synthesize(
     vq = resolve_vqgan(tgca, vqgan)
     vqgan = storage.resolve(vqgan) if vqgan else tgca.meta.get("vqgan_checkpoint")
     keys = list(tgca.config.tgca.condition_keys)
+    if qc is not None:
+        QCThresholds(**{k: v for k, v in qc.items() if k != "retries"})  # bad thresholds fail here
+        if not (tgca.meta.get("hu_reference") or {}).get(keys[0]):
+            raise SynthesisError(
+                f"{checkpoint} has no HU reference for {keys[0]!r} (its latents were encoded before voldit "
+                "recorded one): re-encode the training set and train the TGCA again, or run without --qc"
+            )
     frame = plan_rows(csv, keys, seed)
     ensure_ray(address)
     require_shared_storage({"--output": output})  # before the first file is written
     layout = Layout.of(output)
-    _claim(layout, tgca, vq, settings, checkpoint, vqgan)
+    _claim(layout, tgca, vq, settings, checkpoint, vqgan, qc)
     if removed := layout.remove_temporaries():
         log.info("removed %d half-written file(s) from an interrupted run", removed)
 
@@ -113,6 +126,7 @@ def synthesize(
                 settings=asdict(settings),
                 allow_unseen_labels=allow_unseen_labels,
                 previews=previews,
+                qc=qc,
             )
             rows = todo[["id", "name", "seed", *keys]].to_dict("records")
             elapsed = _run(rows, synthesizer, batch_size, workers, gpus_per_worker, progress, finished)
@@ -123,8 +137,10 @@ def synthesize(
     finally:
         journal.flush()  # whatever ends the run, the records so far are in the journal
     manifest = manifest_frame(frame, journal.records, keys)
+    if qc is not None:
+        summary.qc = qc_summary([journal.records[n] for n in frame["name"] if n in journal.records])
     summary.manifest = layout.publish(write_manifest(manifest, layout.root / MANIFEST))
-    summary.failed = manifest[manifest["status"] != "ok"][["id", "error"]].to_dict("records")
+    summary.failed = manifest[manifest["status"] != "ok"][["id", "status", "error"]].to_dict("records")
     shown = []
     for row in manifest[manifest["preview"] != ""].head(SHEET_LIMIT).to_dict("records"):
         local = layout.preview(safe_name(row["id"]))
@@ -140,7 +156,9 @@ def synthesize(
     return summary
 
 
-def _claim(layout: Layout, tgca, vq, settings: SamplingSettings, source: str, vq_source: str) -> None:
+def _claim(
+    layout: Layout, tgca, vq, settings: SamplingSettings, source: str, vq_source: str, qc: dict | None
+) -> None:
     """Refuse to mix volumes made by other checkpoints or settings into one folder."""
     info = {
         "checkpoint": source,
@@ -165,7 +183,7 @@ def _claim(layout: Layout, tgca, vq, settings: SamplingSettings, source: str, vq
                 f"{layout.remote or layout.root} holds volumes made with other checkpoints or settings ({shown}); "
                 "use another --output, or the same settings to finish that run"
             )
-    storage.write_text(path, json.dumps({**info, "settings": asdict(settings)}, indent=2))
+    storage.write_text(path, json.dumps({**info, "settings": asdict(settings), "qc": qc}, indent=2))
     layout.publish(path)
 
 

@@ -208,6 +208,7 @@ def _provenance(stage: str, train_data: str, job: TrainJob, base: Checkpoint | N
             out["vqgan_checkpoint"] = info.vqgan_checkpoint
         if stage == "tgca":
             out["condition_labels"] = {k: info.labels.get(k) for k in info.condition_keys}
+            out["hu_reference"] = info.hu_reference  # what synthesis's quality gate checks against
     if "vqgan_checkpoint" not in out and base is not None and base.meta.get("vqgan_checkpoint"):
         out["vqgan_checkpoint"] = base.meta["vqgan_checkpoint"]
     return out
