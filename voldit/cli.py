@@ -319,12 +319,9 @@ def _synthesize(args: argparse.Namespace) -> int:
         f"{len(summary.failed)} failed"
     )
     if summary.qc:
-        q = summary.qc
-        worst = ", ".join(f"label {k} x{v}" for k, v in list(q["label_failures"].items())[:5]) or "none"
-        print(
-            f"quality gate: {q['first_try']} of {q['rows']} passed at the first sampling, "
-            f"{q['after_retries']} after retries, {q['failed']} failed; labels failing most: {worst}"
-        )
+        from voldit.synthesis import qc_line
+
+        print(qc_line(summary.qc))
     print(f"manifest: {summary.manifest}")
     if summary.contact_sheet:
         print(f"contact sheet: {summary.contact_sheet}")

@@ -18,7 +18,7 @@ from voldit import storage
 from voldit.config import load_config
 from voldit.data.examples import fetch_examples, write_crops
 from voldit.qc import QCThresholds, settings_dict
-from voldit.synthesis import SynthesisError
+from voldit.synthesis import SynthesisError, qc_line
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +105,7 @@ def run_pipeline(
     say(f"[pipeline] {made} of {summary.total} volumes, one per mask (DDPM-300) -> "
         f"{storage.join(results['synthetic'], 'volumes')}; previews: {summary.contact_sheet}")  # fmt: skip
     if summary.qc:
-        q = summary.qc
-        worst = ", ".join(f"label {k} x{v}" for k, v in list(q["label_failures"].items())[:5]) or "none"
-        say(f"[pipeline] quality gate: {q['first_try']} of {q['rows']} passed at the first sampling, "
-            f"{q['after_retries']} after retries, {q['failed']} failed; labels failing most: {worst}")  # fmt: skip
+        say(f"[pipeline] {qc_line(summary.qc)}")
     for row in failed[:10]:
         say(f"[pipeline]   failed {row['id']}: {row['error']}")
     if not made:

@@ -563,6 +563,15 @@ def qc_summary(records: list[dict]) -> dict:
     }
 
 
+def qc_line(summary: dict) -> str:
+    """`qc_summary` in one line, as the command line and the pipeline print it."""
+    worst = ", ".join(f"label {k} x{v}" for k, v in list(summary["label_failures"].items())[:5]) or "none"
+    return (
+        f"quality gate: {summary['first_try']} of {summary['rows']} passed at the first sampling, "
+        f"{summary['after_retries']} after retries, {summary['failed']} failed; labels failing most: {worst}"
+    )
+
+
 def write_manifest(frame: pd.DataFrame, path: Path) -> Path:
     storage.write_text(path, frame.to_csv(index=False))
     return path
