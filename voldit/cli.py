@@ -10,7 +10,9 @@ from collections.abc import Callable, Sequence
 
 from voldit.config import ConfigError, load_config, stage_of, to_yaml
 from voldit.diffusion.samplers import SAMPLERS
+from voldit.qc import RETRIES as QC_RETRIES
 from voldit.qc import QCThresholds
+from voldit.qc import parse as qc_parse
 
 log = logging.getLogger("voldit")
 QC_DEFAULTS = QCThresholds()
@@ -285,13 +287,12 @@ def _qc(args: argparse.Namespace) -> dict | None:
     """The quality gate's settings from the flags, or None without --qc."""
     if not args.qc:
         return None
-    if args.qc_retries < 0:
-        raise ConfigError(f"--qc-retries must be 0 or more, got {args.qc_retries}")
+    qc = {"min_voxels": args.qc_min_voxels, "min_inside": args.qc_min_inside, "retries": args.qc_retries}
     try:
-        QCThresholds(min_voxels=args.qc_min_voxels, min_inside=args.qc_min_inside)
+        qc_parse(qc)  # the one check of the gate's settings
     except ValueError as error:
-        raise ConfigError(f"quality gate: {error} (--qc-min-voxels, --qc-min-inside)") from None
-    return {"min_voxels": args.qc_min_voxels, "min_inside": args.qc_min_inside, "retries": args.qc_retries}
+        raise ConfigError(f"quality gate: {error} (--qc-min-voxels, --qc-min-inside, --qc-retries)") from None
+    return qc
 
 
 @command("synthesize")
@@ -595,7 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="check each volume's HU per label against the real training data; sample failures again",
     )
     syn.add_argument(
-        "--qc-retries", type=int, default=2, help="samplings with the next seed after a failed gate (--qc)"
+        "--qc-retries",
+        type=int,
+        default=QC_RETRIES,
+        help="samplings with the next seed after a failed gate (--qc)",
     )
     syn.add_argument(
         "--qc-min-inside",

@@ -27,7 +27,7 @@ TINY_CONFIGS = {"vqgan": TINY / "vqgan.yaml", "dit": TINY / "dit.yaml", "tgca": 
 
 
 # The quality gate of the pipeline's synthesis: voldit.qc's default thresholds and two more samplings.
-DEFAULT_QC = settings_dict(QCThresholds(), retries=2)
+DEFAULT_QC = settings_dict(QCThresholds())
 
 
 def _csv(path: Path, rows, header: str = "image,mask") -> Path:

@@ -145,6 +145,18 @@ def score(hu: np.ndarray, labels: np.ndarray, ref: dict[str, dict], thresholds: 
     return {"passed": not failed, "labels": out, "failed": failed}
 
 
-def settings_dict(thresholds: QCThresholds, retries: int) -> dict:
-    """The gate's settings as a run records them."""
+RETRIES = 2  # samplings with the next seed after a failed gate: a bad draw gets two more chances
+
+
+def settings_dict(thresholds: QCThresholds, retries: int = RETRIES) -> dict:
+    """The gate's settings as a run passes and records them: {min_voxels, min_inside, retries}."""
     return {**asdict(thresholds), "retries": retries}
+
+
+def parse(settings: dict) -> tuple[QCThresholds, int]:
+    """`settings_dict`'s output back as (thresholds, retries); ValueError names what is wrong."""
+    settings = dict(settings)
+    retries = int(settings.pop("retries", RETRIES))
+    if retries < 0:
+        raise ValueError(f"retries must be 0 or more, got {retries}")
+    return QCThresholds(**settings), retries

@@ -138,7 +138,6 @@ class Pipeline:
         self.conditional = self.checkpoint.stage == "tgca"
         self.condition_keys = list(cfg.tgca.condition_keys) if self.conditional else []
         self.condition_labels: dict[str, list[int] | None] = meta.get("condition_labels") or {}
-        self.hu_reference: dict[str, dict] = meta.get("hu_reference") or {}  # voldit.qc
         self.model = model_from_checkpoint(self.checkpoint).to(self.device)
         self.vq = model_from_checkpoint(self.vqgan_checkpoint).to(self.device)
         self._denoise = None

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from voldit import storage
+from voldit.checkpoint import Checkpoint
 from voldit.data.intensity import unit_to_hu, unit_to_hu_int16
 from voldit.data.manifest import read_manifest
 from voldit.data.nifti import (
@@ -47,7 +48,7 @@ from voldit.data.preprocess import PreparedCondition, prepare_condition
 from voldit.data.workers import io_workers, load_rows
 from voldit.errors import VolditError
 from voldit.previews import preview, save_png
-from voldit.qc import QCThresholds
+from voldit.qc import parse as qc_parse
 from voldit.qc import score as qc_score
 from voldit.sampling import Pipeline, SamplingSettings, seed_for
 
@@ -280,14 +281,14 @@ def plan_rows(csv: str | Path, condition_keys: list[str], base_seed: int = 0) ->
     return frame
 
 
-def qc_reference(pipeline: Pipeline) -> dict:
-    """The quality gate's reference for the first condition key, from the TGCA checkpoint."""
-    key = pipeline.condition_keys[0]
-    ref = pipeline.hu_reference.get(key)
+def qc_reference(checkpoint: Checkpoint) -> dict:
+    """The quality gate's reference (voldit.qc) for a TGCA checkpoint's first condition key."""
+    key = checkpoint.config.tgca.condition_keys[0]
+    ref = (checkpoint.meta.get("hu_reference") or {}).get(key)
     if not ref:
         raise SynthesisError(
-            f"{pipeline.checkpoint.path} has no HU reference for {key!r} (its latents were encoded before "
-            "voldit recorded one): re-encode the training set and train the TGCA again, or run without --qc"
+            f"{checkpoint.path} has no HU reference for {key!r} (its latents were encoded before voldit "
+            "recorded one): re-encode the training set and train the TGCA again, or run without --qc"
         )
     return ref
 
@@ -316,10 +317,8 @@ class Synthesizer:
         self.settings = SamplingSettings(**(settings or {}))
         self.pipeline = Pipeline(checkpoint, vqgan, self.settings, device, stage="tgca")
         # The quality gate ({min_voxels, min_inside, retries}), checked on the first condition key's labels.
-        qc = dict(qc) if qc else None
-        self.qc_retries = int(qc.pop("retries", 2)) if qc else 0
-        self.qc = QCThresholds(**qc) if qc is not None else None
-        self.qc_reference = qc_reference(self.pipeline) if qc is not None else {}
+        self.qc, self.qc_retries = qc_parse(qc) if qc is not None else (None, 0)
+        self.qc_reference = qc_reference(self.pipeline.checkpoint) if qc is not None else {}
         # A remote output is staged under this node's own cache, wherever the driver staged its files.
         self.layout = Layout.of(remote) if remote else Layout(Path(output))
         self.allow_unseen_labels = allow_unseen_labels

@@ -15,7 +15,7 @@ from voldit import storage
 from voldit.checkpoint import load_checkpoint
 from voldit.distributed.runtime import ensure_ray, require_gpus, require_shared_storage
 from voldit.previews import contact_sheet, save_png
-from voldit.qc import QCThresholds
+from voldit.qc import parse as qc_parse
 from voldit.sampling import SamplingSettings, fingerprint, resolve_vqgan
 from voldit.synthesis import (
     CONTACT_SHEET,
@@ -27,6 +27,7 @@ from voldit.synthesis import (
     Synthesizer,
     manifest_frame,
     plan_rows,
+    qc_reference,
     qc_summary,
     safe_name,
     write_manifest,
@@ -87,13 +88,12 @@ def synthesize(
     vq = resolve_vqgan(tgca, vqgan)
     vqgan = storage.resolve(vqgan) if vqgan else tgca.meta.get("vqgan_checkpoint")
     keys = list(tgca.config.tgca.condition_keys)
-    if qc is not None:
-        QCThresholds(**{k: v for k, v in qc.items() if k != "retries"})  # bad thresholds fail here
-        if not (tgca.meta.get("hu_reference") or {}).get(keys[0]):
-            raise SynthesisError(
-                f"{checkpoint} has no HU reference for {keys[0]!r} (its latents were encoded before voldit "
-                "recorded one): re-encode the training set and train the TGCA again, or run without --qc"
-            )
+    if qc is not None:  # before any work: settings that cannot work, a checkpoint with no reference
+        try:
+            qc_parse(qc)
+        except ValueError as error:
+            raise SynthesisError(f"quality gate: {error}") from None
+        qc_reference(tgca)
     frame = plan_rows(csv, keys, seed)
     ensure_ray(address)
     require_shared_storage({"--output": output})  # before the first file is written
