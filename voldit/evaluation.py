@@ -255,18 +255,15 @@ def per_label_hu(real_pairs, gen_pairs) -> dict[str, dict]:
     histograms: dict = {}
     for hu, mask in real_pairs:
         qc.add_histograms(histograms, "real", qc.label_histograms(hu, np.rint(mask)))
-    for hu, mask in gen_pairs:
-        qc.add_histograms(histograms, "generated", qc.label_histograms(hu, np.rint(mask)))
-    stats = qc.reference(histograms)
-    real, generated = stats.get("real", {}), stats.get("generated", {})
+    real = qc.reference(histograms).get("real", {})
+    inside: dict[str, int] = {}
+    for hu, mask in gen_pairs:  # inside the real range: counted on the voxels themselves, not to a bin
+        values, counts, within = qc.measure(hu, np.rint(mask), real)
+        qc.add_histograms(histograms, "generated", dict(zip(values.tolist(), counts, strict=True)))
+        for value, n in zip(values.tolist(), within.tolist(), strict=True):
+            inside[str(value)] = inside.get(str(value), 0) + n
+    generated = qc.reference(histograms).get("generated", {})
     shared = sorted(set(real) & set(generated), key=int)
-    inside = dict.fromkeys(shared, 0)
-    for hu, mask in gen_pairs:  # counted on the voxels themselves, not to a bin
-        labels = np.rint(mask).astype(np.int64)
-        window = np.clip(hu, HU_MIN, HU_MAX)
-        for label in shared:
-            values = window[labels == int(label)]
-            inside[label] += int(((values >= real[label]["p5"]) & (values <= real[label]["p95"])).sum())
     return {
         label: {
             "real_median": real[label]["median"],

@@ -59,14 +59,22 @@ def _label_index(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.unique(flat, return_inverse=True)
 
 
+def _histograms(hu: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(HU in the window, flat; label values present; each voxel's index into them; their histograms,
+    labels x BINS), in one pass whatever the number of labels."""
+    if np.shape(hu) != np.shape(labels):
+        raise ValueError(f"image {np.shape(hu)} and labels {np.shape(labels)} differ in shape")
+    hu = np.clip(np.asarray(hu, np.float32), HU_MIN, HU_MAX).ravel()  # the window the model generates in
+    values, index = _label_index(labels)
+    bins = np.clip(((hu - HU_MIN) // BIN_HU).astype(np.int64), 0, BINS - 1)
+    histograms = np.bincount(index * BINS + bins, minlength=len(values) * BINS).reshape(len(values), BINS)
+    return hu, values, index, histograms
+
+
 def label_histograms(hu: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
     """HU histograms (10-HU bins over the window, int64 counts) of each label value's voxels."""
-    if hu.shape != labels.shape:
-        raise ValueError(f"image {hu.shape} and labels {labels.shape} differ in shape")
-    bins = np.clip(((np.asarray(hu, np.float32) - HU_MIN) // BIN_HU).astype(np.int64), 0, BINS - 1)
-    values, index = _label_index(labels)
-    counts = np.bincount(index * BINS + bins.ravel(), minlength=len(values) * BINS)
-    return {int(v): counts[k * BINS : (k + 1) * BINS] for k, v in enumerate(values)}
+    _, values, _, histograms = _histograms(hu, labels)
+    return {int(v): histograms[k] for k, v in enumerate(values)}
 
 
 def add_histograms(total: dict[str, dict[str, list[int]]], key: str, histograms: dict) -> None:
@@ -105,6 +113,20 @@ def reference(histograms: dict[str, dict[str, list[int]]]) -> dict[str, dict[str
     return out
 
 
+def measure(
+    hu: np.ndarray, labels: np.ndarray, ref: dict[str, dict]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One volume (HU) on its label map, in two passes whatever the number of labels: the label values
+    present, each one's HU histogram (labels x BINS) and its voxels inside ``ref``'s 5-95% range (0 for
+    labels ``ref`` does not know)."""
+    hu, values, index, histograms = _histograms(hu, labels)
+    known = [ref.get(str(int(v))) for v in values]
+    low = np.array([k["p5"] if k else np.inf for k in known], np.float32)
+    high = np.array([k["p95"] if k else -np.inf for k in known], np.float32)
+    inside = np.bincount(index, weights=(hu >= low[index]) & (hu <= high[index]), minlength=len(values))
+    return values, histograms, inside.astype(np.int64)
+
+
 def score(hu: np.ndarray, labels: np.ndarray, ref: dict[str, dict], thresholds: QCThresholds) -> dict:
     """Check one volume (HU) against ``ref`` (one condition key's reference, by label) on its label map.
 
@@ -113,14 +135,10 @@ def score(hu: np.ndarray, labels: np.ndarray, ref: dict[str, dict], thresholds: 
     reference does not know, or with too few voxels, are listed but not judged. Two passes over the
     volume whatever the number of labels (4 CPU s for 512x512x256).
     """
-    hu = np.clip(np.asarray(hu, np.float32), HU_MIN, HU_MAX).ravel()  # the window the model generates in
-    values, index = _label_index(labels)
-    bins = np.clip(((hu - HU_MIN) // BIN_HU).astype(np.int64), 0, BINS - 1)
-    histograms = np.bincount(index * BINS + bins, minlength=len(values) * BINS).reshape(len(values), BINS)
+    values, histograms, inside = measure(hu, labels, ref)
     known = [ref.get(str(int(v))) for v in values]
     low = np.array([k["p5"] if k else np.inf for k in known], np.float32)
     high = np.array([k["p95"] if k else -np.inf for k in known], np.float32)
-    inside = np.bincount(index, weights=(hu >= low[index]) & (hu <= high[index]), minlength=len(values))
     out: dict[int, dict] = {}
     failed = []
     for k, value in enumerate(values.tolist()):
