@@ -141,6 +141,7 @@ def crop_latents(crops, tmp_path_factory):
     from voldit.builders import build_vqgan
     from voldit.checkpoint import save_checkpoint
     from voldit.data.latents import summarise
+    from voldit.data.preprocess import Grid
     from voldit.encode import Encoder
 
     cfg = load_config(CONFIGS / "tiny" / "vqgan.yaml")
@@ -161,7 +162,7 @@ def crop_latents(crops, tmp_path_factory):
                     "mask": np.array([str(r[1]) for r in chunk]),
                 }
             )
-        summarise(root / split, [64, 64, 32], ["mask"], str(vq_path))
+        summarise(root / split, Grid.of(cfg), ["mask"], str(vq_path))
         out[split] = root / split
     return out
 

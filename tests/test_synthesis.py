@@ -335,3 +335,50 @@ def test_killed_synthesis_resumes_with_every_row_written_once(tiny_tgca_run, cro
     for stem, mtime in done.items():  # the first run's volumes were kept, not redone
         assert (out / "volumes" / f"{stem}.nii").with_suffix(".gz").stat().st_mtime_ns == mtime
     shutil.rmtree(out)
+
+
+def test_a_mask_of_another_label_set_and_grid_is_mapped_and_comes_back_on_its_grid(
+    tiny_tgca_run, examples, tmp_path
+):
+    """The whole example CT's mask stored in LPS at 3x3x6 mm (larger than the field of view, with organs
+    the training crops never showed): refused with the fix named, then synthesised through a label map."""
+    import json
+
+    from voldit.checkpoint import load_checkpoint
+    from voldit.data.examples import _stored_as
+
+    source = nib.load(examples["example_ct"][1])
+    lps, affine = _stored_as(np.asarray(source.dataobj).astype(np.uint8), source.affine, "LPS")
+    thick, affine = _stored_as(lps, affine, "thick")
+    mask_path = tmp_path / "lps_thick.nii.gz"
+    nib.save(nib.Nifti1Image(thick, affine), mask_path)
+    trained = load_checkpoint(tiny_tgca_run["tgca"]).meta["condition_labels"]["mask"]
+    unseen = sorted(set(np.unique(thick).tolist()) - set(trained))
+    assert unseen  # the premise: organs the crops never showed
+    label_map = tmp_path / "map.csv"
+    label_map.write_text("from,to\n" + "".join(f"{v},drop\n" for v in unseen))
+    csv = write_csv(tmp_path / "masks.csv", [("lps", mask_path)], header="id,mask")
+
+    refused = _synthesize(csv, tiny_tgca_run, tmp_path / "strict")
+    assert (
+        "--label-map" in refused.failed[0]["error"] and "--allow-unseen-labels" in refused.failed[0]["error"]
+    )
+    out = tmp_path / "out"
+    summary = _synthesize(csv, tiny_tgca_run, out, label_map=label_map)
+    assert (summary.synthesized, summary.failed) == (1, [])
+    volume = nib.load(out / "volumes" / "lps.nii.gz")
+    assert volume.shape == thick.shape and nib.aff2axcodes(volume.affine) == ("L", "P", "S")
+    np.testing.assert_allclose(volume.affine, affine, atol=1e-4)
+    record = json.loads((out / "records" / "lps.json").read_text())
+    view = record["field_of_view"]
+    assert 0 < view["cut"] < 1 and "outside the model's field of view" in record["warning"]
+    assert view["voxels"][:2] == [[0, 122], [0, 101]]  # the whole axial extent fits in 384 mm
+    assert view["mm"][2][1] - view["mm"][2][0] == pytest.approx(32 * 6.0, abs=0.01)
+    manifest = pd.read_csv(out / "manifest.csv", keep_default_na=False)
+    assert manifest.loc[0, "status"] == "ok" and "field of view" in manifest.loc[0, "warning"]
+    data = np.asarray(volume.dataobj)
+    z0, z1 = view["voxels"][2]
+    assert (data[:, :, :z0] == -1000).all() and (data[:, :, z1:] == -1000).all()  # air out of view
+    assert (data[:, :, z0:z1] > -1000).any()
+    run = json.loads((out / "run.json").read_text())
+    assert run["field_of_view"] == "label" and run["label_map"] == {str(v): 0 for v in unseen}

@@ -211,6 +211,11 @@ def load_checkpoint(path: str | Path, stage: str | None = None) -> Checkpoint:
         raise CheckpointError(
             f"checkpoint {path} is a {meta.get('stage')!r} checkpoint, expected a {stage!r} one"
         )
+    from omegaconf import OmegaConf
+
     from voldit.config import load_config
 
-    return Checkpoint(path=path, config=load_config(path / "config.yaml"), meta=meta)
+    stored = OmegaConf.load(path / "config.yaml")
+    if "orientation" not in stored.get("training", {}):  # saved before grids: the stored voxel order
+        OmegaConf.update(stored, "training.orientation", None, force_add=True)
+    return Checkpoint(path=path, config=load_config(stored), meta=meta)

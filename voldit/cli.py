@@ -190,24 +190,27 @@ def _sweep(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from voldit.demo import DEFAULT_QC, run_demo
 
-    run_demo(args.output, args.cache, overrides=args.set, qc=None if args.no_qc else DEFAULT_QC)
-    return 0
+    results = run_demo(args.output, args.cache, overrides=args.set, qc=None if args.no_qc else DEFAULT_QC)
+    return _pipeline_status("demo", results)
 
 
 @command("pipeline")
 def _pipeline(args: argparse.Namespace) -> int:
     from voldit.demo import DEFAULT_QC, run_demo, run_pipeline
 
+    synthesis = dict(
+        field_of_view=args.field_of_view,
+        label_map=args.label_map,
+        allow_unseen_labels=args.allow_unseen_labels,
+    )
+    common = dict(
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        qc=None if args.no_qc else DEFAULT_QC,
+        synthesis=synthesis,
+    )
     if args.example_data:
-        run_demo(
-            args.output,
-            args.cache,
-            args.set,
-            workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker,
-            qc=None if args.no_qc else DEFAULT_QC,
-        )
-        return 0
+        return _pipeline_status("pipeline", run_demo(args.output, args.cache, args.set, **common))
     if not (args.train and args.val and args.masks):
         raise ConfigError("give --train, --val and --masks (CSV files), or --example-data")
     configs = {
@@ -215,18 +218,21 @@ def _pipeline(args: argparse.Namespace) -> int:
         for k, v in (("vqgan", args.vqgan_config), ("dit", args.dit_config), ("tgca", args.tgca_config))
         if v
     }
-    run_pipeline(
-        args.train,
-        args.val,
-        args.masks,
-        args.output,
-        configs=configs,
-        workers=args.workers,
-        gpus_per_worker=args.gpus_per_worker,
-        overrides=args.set,
-        qc=None if args.no_qc else DEFAULT_QC,
+    results = run_pipeline(
+        args.train, args.val, args.masks, args.output, configs=configs, overrides=args.set, **common
     )
-    return 0
+    return _pipeline_status("pipeline", results)
+
+
+def _pipeline_status(verb: str, results: dict) -> int:
+    """Exit 1 when rows failed (they are listed in the report and above), else 0."""
+    failed = results.get("failed") or []
+    if not failed:
+        return 0
+    where = results.get("report") or results.get("synthetic") or "the output"
+    print(f"voldit {verb}: {len(failed)} row(s) failed (listed above and in {where}); the rest finished",
+          file=sys.stderr)  # fmt: skip
+    return 1
 
 
 def _settings(args: argparse.Namespace):
@@ -313,6 +319,8 @@ def _synthesize(args: argparse.Namespace) -> int:
         previews=not args.no_previews,
         address=args.address,
         qc=_qc(args),
+        field_of_view=args.field_of_view,
+        label_map=args.label_map,
     )
     rate = f" ({summary.volumes_per_hour:,.0f} volumes/h)" if summary.volumes_per_hour else ""
     print(
@@ -536,13 +544,19 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--workers", type=int, default=1, help="DDP workers and actors per step")
     pipe.add_argument("--gpus-per-worker", type=float, default=0.0)
     pipe.add_argument(
-        "--example-data", action="store_true", help="use the example CT crops (as `voldit demo`)"
+        "--example-data", action="store_true", help="use the example CT sections (as `voldit demo`)"
     )
     pipe.add_argument(
         "--cache", default=".cache/examples", help="with --example-data: where the CTs are kept"
     )
     pipe.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every stage")
     pipe.add_argument("--no-qc", action="store_true", help="synthesise without the quality gate")
+    _placement_flags(pipe)
+    pipe.add_argument(
+        "--allow-unseen-labels",
+        action="store_true",
+        help="synthesise from masks with label values the TGCA never saw in training",
+    )
     _cluster_flags(pipe, address=False)
 
     smp = verbs.add_parser(
@@ -589,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="synthesise from masks with label values the TGCA never saw in training",
     )
+    _placement_flags(syn)
     syn.add_argument("--no-previews", action="store_true", help="skip the preview PNGs and contact sheet")
     syn.add_argument(
         "--qc",
@@ -744,6 +759,22 @@ def _seconds(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
     return value
+
+
+def _placement_flags(parser: argparse.ArgumentParser) -> None:
+    """How masks meet the model: label maps and the field of view (synthesize and pipeline)."""
+    parser.add_argument(
+        "--label-map",
+        metavar="FILE",
+        help='JSON or CSV mapping mask label values onto the training set\'s ("5": 1, or "drop")',
+    )
+    parser.add_argument(
+        "--field-of-view",
+        choices=["label", "centre"],
+        default="label",
+        help="where the model's field of view sits in each mask: the centre of the labelled region "
+        "(default) or of the volume",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

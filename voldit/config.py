@@ -146,6 +146,12 @@ class Training:
     eval_freq: int = 50  # epochs between validations
     batch_size: int = 2  # per worker
     roi_size: list[int] = field(default_factory=lambda: [512, 512, 256])  # image crop (X, Y, Z) in voxels
+    # The model's grid, set in the VQ-GAN config: images and masks are reoriented to `orientation` (axis
+    # codes; null keeps the stored voxel order) and resampled to `spacing` (mm per axis; null keeps each
+    # file's own) before the crop. Latents and checkpoints record both: the VolDiT and TGCA take them
+    # from their latents (or the VQ-GAN), synthesis from the TGCA checkpoint.
+    spacing: list[float] | None = None
+    orientation: str | None = "RAS"
     # null: the data decides (a latent folder from `voldit encode`, or a CSV of images with --vqgan to
     # encode online); true or false (seed key) makes `voldit train` insist on latents or on online encoding.
     use_precomputed_latents: bool | None = None
@@ -265,6 +271,12 @@ def load_config(
     return cfg
 
 
+def _axis_codes(codes: str) -> bool:
+    """Three orientation codes naming each of the three axes once (RAS, LPS, PIR, ...)."""
+    pairs = [pair for code in codes for pair in ("RL", "AP", "SI") if code in pair]
+    return len(codes) == 3 and len(pairs) == 3 and len(set(pairs)) == 3
+
+
 def _fail(source: str, key: str, problem: str, fix: str) -> None:
     raise ConfigError(f"{source}: {key} {problem}; {fix}")
 
@@ -275,6 +287,22 @@ def validate(cfg: DictConfig, source: str = "config", check_roi: bool = True) ->
     if len(roi) != 3 or min(roi) < 1:
         _fail(
             source, "training.roi_size", f"is {roi}", "give three positive voxel counts, e.g. [512, 512, 256]"
+        )
+    spacing = cfg.training.spacing
+    if spacing is not None and (len(spacing) != 3 or min(spacing) <= 0):
+        _fail(
+            source,
+            "training.spacing",
+            f"is {list(spacing)}",
+            "give three positive voxel sizes in mm, e.g. [1.5, 1.5, 2.0], or null to keep each file's own",
+        )
+    codes = cfg.training.orientation
+    if codes is not None and not _axis_codes(codes):
+        _fail(
+            source,
+            "training.orientation",
+            f"is {codes!r}",
+            "give three axis codes, one of R/L, A/P and S/I each (e.g. RAS or LPS), or null to keep the stored order",
         )
     every = cfg.training.checkpoint_every_steps
     if every is not None and every < 1:

@@ -16,14 +16,24 @@ from pathlib import Path
 
 from voldit import storage
 from voldit.config import load_config
-from voldit.data.examples import fetch_examples, write_crops
+from voldit.data.examples import fetch_examples, write_sections
+from voldit.errors import VolditError
 from voldit.qc import QCThresholds, settings_dict
-from voldit.synthesis import SynthesisError, qc_line
+from voldit.synthesis import qc_line
 
 log = logging.getLogger(__name__)
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny"
 TINY_CONFIGS = {"vqgan": TINY / "vqgan.yaml", "dit": TINY / "dit.yaml", "tgca": TINY / "tgca.yaml"}
+
+
+VALIDATION = (3, 8)  # of the 12 example sections: inner ones, whose neighbours cover their slices
+
+
+class PipelineError(VolditError, RuntimeError):
+    """A pipeline step that left nothing for the next one (every row of a CSV failed)."""
+
+    exit_code = 1  # rows failed, each with its reason
 
 
 # The quality gate of the pipeline's synthesis: voldit.qc's default thresholds and two more samplings.
@@ -48,11 +58,16 @@ def run_pipeline(
     samples: int = 4,
     say=print,
     qc: dict | None = DEFAULT_QC,
-) -> dict[str, str]:
+    synthesis: dict | None = None,
+) -> dict:
     """Train all three stages on ``train_csv``/``val_csv`` (image,mask), then sample, synthesise one
     volume per row of ``masks_csv`` and, for a local output, evaluate against the validation CTs.
     ``overrides`` (key=value) apply to every stage's config. Re-running resumes every step. Synthesis
-    runs the quality gate ``qc`` (None: off); rows that fail are reported and the rest go on."""
+    runs the quality gate ``qc`` (None: off) with the ``synthesis`` keywords of `synthesize`
+    (field_of_view, label_map, allow_unseen_labels).
+
+    Rows that fail (an unreadable CT, a mask the model cannot take) are reported and the rest go on:
+    ``results["failed"]`` lists them ({step, id, reason}) and the report names them too."""
     from voldit.distributed.encode import encode
     from voldit.distributed.synthesize import synthesize
     from voldit.distributed.train import train
@@ -65,7 +80,13 @@ def run_pipeline(
     start = time.perf_counter()
     runs = storage.join(output, "runs")
     common = dict(storage=runs, workers=workers, gpus_per_worker=gpus_per_worker)
-    results: dict[str, str] = {}
+    results: dict = {"failed": []}
+
+    def failed(step: str, rows: list[dict], key: str) -> None:
+        for row in rows:
+            results["failed"].append({"step": step, "id": row["id"], "reason": row[key]})
+            if len(results["failed"]) <= 10:
+                say(f"[pipeline]   {step} failed for {row['id']}: {row[key]}")
 
     def cfg(stage):
         return load_config(configs[stage], overrides=list(overrides))
@@ -77,8 +98,11 @@ def run_pipeline(
         latents = storage.join(output, "latents", split)
         summary = encode(csv, results["vqgan"], latents, ["mask"], workers=workers,
                          gpus_per_worker=gpus_per_worker, progress=False)  # fmt: skip
-        if summary.failed:
-            raise RuntimeError(f"encoding failed for {summary.failed}")
+        failed(f"encoding ({split})", summary.failed, "reason")
+        if summary.info is None:
+            raise PipelineError(
+                f"no row of {csv} could be encoded; see {storage.join(latents, 'errors.csv')}"
+            )
         results[f"latents_{split}"] = latents
     say(f"[pipeline] encoded images and masks -> {storage.join(output, 'latents')} "
         f"(scale factor {summary.info.scale_factor:.3f})")  # fmt: skip
@@ -99,17 +123,16 @@ def run_pipeline(
     say(f"[pipeline] TGCA: validation loss {tgca.metrics['val_loss']:.4f} -> {tgca.best}")
     results["synthetic"] = storage.join(output, "synthetic")
     summary = synthesize(masks_csv, tgca.best, results["synthetic"], batch_size=4, workers=workers,
-                         gpus_per_worker=gpus_per_worker, progress=False, qc=qc)  # fmt: skip
-    failed = [row for row in summary.failed if row["status"] != "qc_failed"]
-    made = summary.total - len(failed)  # volumes written, whether they passed the gate or not
+                         gpus_per_worker=gpus_per_worker, progress=False, qc=qc, **(synthesis or {}))  # fmt: skip
+    unmade = [row for row in summary.failed if row["status"] != "qc_failed"]
+    made = summary.total - len(unmade)  # volumes written, whether they passed the gate or not
     say(f"[pipeline] {made} of {summary.total} volumes, one per mask (DDPM-300) -> "
         f"{storage.join(results['synthetic'], 'volumes')}; previews: {summary.contact_sheet}")  # fmt: skip
     if summary.qc:
         say(f"[pipeline] {qc_line(summary.qc)}")
-    for row in failed[:10]:
-        say(f"[pipeline]   failed {row['id']}: {row['error']}")
+    failed("synthesis", unmade, "error")
     if not made:
-        raise SynthesisError(f"no volume was synthesised; see {summary.manifest}")
+        raise PipelineError(f"no volume was synthesised; see the reasons in {summary.manifest}")
     if not storage.is_remote(output):
         results["report"] = _evaluate(results, val_csv, train_csv, output, say)
     say(f"[pipeline] done in {time.perf_counter() - start:.0f} s; TensorBoard: tensorboard --logdir {runs}")
@@ -126,7 +149,9 @@ def _evaluate(results: dict, val_csv: str, train_csv: str, output: str, say) -> 
     real.parent.mkdir(parents=True, exist_ok=True)
     pd.concat(frames)[["image", "mask"]].to_csv(real, index=False)
     report = str(Path(output) / "report")
-    scores = write_report(results["synthetic"], real, report, vqgan=results["vqgan"])
+    scores = write_report(
+        results["synthetic"], real, report, vqgan=results["vqgan"], failed=results["failed"]
+    )
     h, f = scores["hu_histogram"], scores.get("mask_fidelity", {})
     say(
         f"[pipeline] evaluation against {scores['real']['volumes']} real CTs: HU histogram Wasserstein "
@@ -138,20 +163,23 @@ def _evaluate(results: dict, val_csv: str, train_csv: str, output: str, say) -> 
 
 
 def example_data(output: str | Path, cache: str | Path) -> tuple[str, str, str]:
-    """Twelve real 64x64x32 CT crops with organ masks from the TotalSegmentator examples: ten for
-    training, two for validation, and every crop's mask to synthesise from. For an s3:// output they
+    """Twelve real whole-body CT sections with organ masks from the TotalSegmentator example, stored on
+    three grids (RAS and LPS at 3 mm, RAS at 3x3x6 mm): ten for training, two inner ones for validation
+    (their organs all appear in the training sections, so every mask's labels are known), and every
+    section's mask to synthesise from; the tiny configs resample them all to 6 mm RAS. For an s3:// output they
     are uploaded under ``<output>/data`` and the CSVs name their URLs, so every node can read them."""
     remote = str(output).rstrip("/") if storage.is_remote(output) else None
     local = Path(output) if not remote else storage.cache_root() / "demo" / _digest(remote)
     data = local / "data"
-    rows = write_crops(data / "crops", fetch_examples(cache))
+    rows = write_sections(data / "sections", fetch_examples(cache))
     if remote:
-        storage.sync_dir(data / "crops", storage.join(remote, "data", "crops"))
+        storage.sync_dir(data / "sections", storage.join(remote, "data", "sections"))
         rows = [
             tuple(storage.join(remote, "data", Path(p).relative_to(data).as_posix()) for p in r) for r in rows
         ]
     masks = _csv(data / "masks.csv", [(Path(seg).name.split(".")[0], seg) for _, seg in rows], "id,mask")
-    csvs = [_csv(data / "train.csv", rows[:10]), _csv(data / "val.csv", rows[10:]), masks]
+    val = [rows[k] for k in VALIDATION]
+    csvs = [_csv(data / "train.csv", [r for r in rows if r not in val]), _csv(data / "val.csv", val), masks]
     if remote:
         return tuple(storage.upload(c, storage.join(remote, "data", c.name)) for c in csvs)
     return tuple(str(c) for c in csvs)
@@ -166,9 +194,12 @@ def _digest(text: str) -> str:
 def run_demo(
     output: str | Path, cache: str | Path, overrides: Sequence[str] = (), **pipeline
 ) -> dict[str, str]:
-    """The pipeline on the example CT crops with the tiny configs; returns where each result went.
+    """The pipeline on the example CT sections with the tiny configs; returns where each result went.
     ``pipeline`` keywords (workers, gpus_per_worker) go to `run_pipeline`."""
     output = storage.resolve(output)  # a local folder made absolute, or an s3:// URL unchanged
     train_csv, val_csv, masks = example_data(output, cache)
-    print(f"[demo] 12 real CT crops (64x64x32, with organ masks) in {storage.join(output, 'data')}")
+    print(
+        f"[demo] 12 real whole-body CT sections with organ masks, on three grids (RAS and LPS at 3 mm, "
+        f"RAS at 3x3x6 mm), in {storage.join(output, 'data')}"
+    )
     return run_pipeline(train_csv, val_csv, masks, output, overrides=overrides, **pipeline)

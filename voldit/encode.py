@@ -17,8 +17,8 @@ from voldit.builders import model_from_checkpoint
 from voldit.checkpoint import load_checkpoint
 from voldit.data.intensity import unit_to_hu
 from voldit.data.latents import write_part
-from voldit.data.nifti import check_same_grid, read_volume
-from voldit.data.preprocess import prepare
+from voldit.data.nifti import VolumeError, as_labels, check_same_grid, label_values, read_volume
+from voldit.data.preprocess import Grid, prepare
 from voldit.data.workers import io_workers, load_rows
 from voldit.qc import label_histograms
 
@@ -41,29 +41,33 @@ class Encoder:
         vqgan_checkpoint: str | Path,
         output: str | Path,
         condition_keys: Sequence[str] = (),
-        roi_size: Sequence[int] | None = None,
         device: str | None = None,
     ) -> None:
         ckpt = load_checkpoint(vqgan_checkpoint, stage="vqgan")
         self.device = torch.device(device) if device else default_device()
         self.model = model_from_checkpoint(ckpt).to(self.device)
-        self.roi_size = list(roi_size or ckpt.config.training.roi_size)
+        self.grid = Grid.of(ckpt.config)  # the VQ-GAN's grid: roi_size, spacing and orientation
         self.output = str(output)
         self.condition_keys = list(condition_keys)
         self._workers = io_workers()  # a batch's rows read and prepared in parallel
 
     def _load(self, row: dict) -> dict:
         image = read_volume(row["image"])
-        masks = {}
+        masks, labels = {}, {}
         for key in self.condition_keys:
             masks[key] = read_volume(row[key], dtype=np.float32)
             check_same_grid(image, masks[key], f"{row['id']}: {key}")
-        prepared = prepare(image, masks, self.roi_size, train=False)
+            whole = as_labels(masks[key].array)
+            if whole is None:
+                raise VolumeError(f"{row['id']}: {key} {row[key]} is not a label map (non-integer values)")
+            labels[key] = label_values(whole).tolist()  # over the whole mask: what synthesis may be given
+        prepared = prepare(image, masks, self.grid, train=False)
         out = {
             "id": row["id"],
             "image": row["image"],
             "tensor": prepared["image"],
             "affine": prepared["affine"],
+            "labels": labels,
         }
         hu = unit_to_hu(prepared["image"][0]).numpy()  # the crop in the HU window the model generates
         out["hu_histograms"] = {}

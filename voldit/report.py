@@ -126,12 +126,15 @@ def _previews(items, output: Path, kind: str) -> Path | None:
     return save_png(contact_sheet(shown, columns=len(shown)), output / f"{kind}_previews.png")
 
 
-def write_report(generated, real, output, vqgan=None, size=None) -> dict:
-    """Evaluate and write evaluation.json, report.md, plots and previews into ``output``."""
+def write_report(generated, real, output, vqgan=None, size=None, failed: list[dict] | None = None) -> dict:
+    """Evaluate and write evaluation.json, report.md, plots and previews into ``output``; ``failed``
+    rows ({step, id, reason}: a pipeline's rows that made no volume) are listed in both."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     results, plots = evaluate(generated, real, vqgan, size)
     items = results.pop("_items")
+    if failed:
+        results["failed_rows"] = failed
     (output / "evaluation.json").write_text(json.dumps(results, indent=2))
     figures = _plots(plots, output)
     sheets = [_previews(items["generated"], output, "generated"), _previews(items["real"], output, "real")]
@@ -180,6 +183,11 @@ def _markdown(r: dict, figures: list[str], sheets: list[Path]) -> str:
     if (r.get("mask_fidelity") or {}).get("per_label"):
         lines += ["", *_per_label_markdown(r["mask_fidelity"]["per_label"])]
     lines += ["", *_baselines_markdown(r), ""]
+    if r.get("failed_rows"):
+        lines += [f"{len(r['failed_rows'])} row(s) made no volume and are not in these figures:", ""]
+        lines += ["| step | row | reason |", "|---|---|---|"]
+        lines += [f"| {f['step']} | {f['id']} | {f['reason']} |" for f in r["failed_rows"]]
+        lines.append("")
     lines += [f"![{name}]({name})" for name in figures]
     lines += ["", "Previews (axial, coronal, sagittal; second row: mask outlines):", ""]
     lines += [f"![{sheet.stem}]({sheet.name})" for sheet in sheets]

@@ -23,6 +23,7 @@ from voldit import storage
 from voldit.builders import build_schedule, model_from_checkpoint, vqgan_factor
 from voldit.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from voldit.data.intensity import unit_to_hu_int16
+from voldit.data.preprocess import Grid
 from voldit.diffusion.graphs import GraphedDenoiser
 from voldit.diffusion.samplers import SAMPLERS, classifier_free, sample
 from voldit.encode import default_device
@@ -127,7 +128,8 @@ class Pipeline:
         self.latent_shape = [int(n) for n in meta["latent_shape"]]
         self.vqgan_checkpoint = resolve_vqgan(self.checkpoint, vqgan)
         cfg = self.checkpoint.config
-        self.roi_size = [int(n) for n in cfg.training.roi_size]
+        self.grid = Grid.of(cfg)  # the grid the model was trained on (its latents' spacing and orientation)
+        self.roi_size = list(self.grid.roi_size)
         self.factor = vqgan_factor(self.vqgan_checkpoint.config)
         expected = [n // self.factor for n in self.roi_size]
         if expected != self.latent_shape[1:]:
@@ -271,7 +273,8 @@ def write_samples(
     s3:// prefix) as int16 HU
     NIfTI (``sample_NNN.nii.gz``, sample k seeded ``seed + k``) with a preview PNG each.
 
-    The affine is the ``reference`` NIfTI's (e.g. a training CT), else 1 mm isotropic.
+    The affine is the model grid's (its spacing and orientation) when its checkpoint records a spacing,
+    else the ``reference`` NIfTI's (e.g. a training CT), else 1 mm isotropic.
     """
     from tqdm.auto import tqdm
 
@@ -279,7 +282,10 @@ def write_samples(
     from voldit.previews import preview, save_png
 
     pipeline = Pipeline(checkpoint, vqgan, settings, device, stage="dit")
-    affine = read_volume(reference).affine if reference else np.eye(4)
+    if pipeline.grid.spacing:
+        affine = pipeline.grid.affine()
+    else:
+        affine = read_volume(reference).affine if reference else np.eye(4)
     remote = str(output) if storage.is_remote(output) else None
     with tempfile.TemporaryDirectory(prefix="voldit-samples-") as staging:
         folder = Path(staging) if remote else Path(output)  # a remote output is staged, then uploaded

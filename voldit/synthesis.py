@@ -35,6 +35,7 @@ import torch
 from voldit import storage
 from voldit.checkpoint import Checkpoint
 from voldit.data.intensity import unit_to_hu, unit_to_hu_int16
+from voldit.data.labels import apply_label_map
 from voldit.data.manifest import read_manifest
 from voldit.data.nifti import (
     VolumeError,
@@ -313,6 +314,8 @@ class Synthesizer:
         device: str | None = None,
         remote: str | None = None,
         qc: dict | None = None,
+        field_of_view: str = "label",
+        label_map: dict[int, int] | None = None,
     ) -> None:
         self.settings = SamplingSettings(**(settings or {}))
         self.pipeline = Pipeline(checkpoint, vqgan, self.settings, device, stage="tgca")
@@ -322,6 +325,8 @@ class Synthesizer:
         # A remote output is staged under this node's own cache, wherever the driver staged its files.
         self.layout = Layout.of(remote) if remote else Layout(Path(output))
         self.allow_unseen_labels = allow_unseen_labels
+        self.field_of_view = field_of_view  # "label" (centre of the labelled region) or "centre"
+        self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}  # other label sets -> ours
         self.previews = previews
         self._workers = io_workers()  # masks read and volumes written beside the GPU
 
@@ -333,27 +338,29 @@ class Synthesizer:
             labels = as_labels(mask.array)
             if labels is None:
                 raise VolumeError(f"{key} {path}: not a label map (non-integer values)")
-            mask.array = labels
-            values = label_values(labels)
+            mask.array = apply_label_map(labels, self.label_map)
+            values = label_values(mask.array)
             if not values.any():
                 raise VolumeError(f"{key} {path}: the mask is empty (no labelled voxel)")
             trained = self.pipeline.condition_labels.get(key)
             unseen = sorted(set(values.tolist()) - set(trained or []))
             if trained is not None and unseen and not self.allow_unseen_labels:
                 raise VolumeError(
-                    f"{key} {path}: label value(s) {unseen[:10]} were never in the training masks "
-                    f"(trained on {len(trained)} values, {trained[0]}..{trained[-1]}); "
-                    "pass --allow-unseen-labels to synthesise anyway"
+                    f"{key} {path}: label value(s) {unseen[:10]}{' ...' if len(unseen) > 10 else ''} were "
+                    f"never in the training masks (trained on {len(trained)} values: {_ranges(trained)}); map "
+                    "them onto those with --label-map FILE, or pass --allow-unseen-labels to synthesise anyway"
                 )
             if masks:
                 first = next(iter(masks.values()))
                 check_same_grid(first, mask, f"{row['id']}: {key}")
             masks[key] = mask
-        prepared = prepare_condition(masks, self.pipeline.roi_size)
+        prepared = prepare_condition(masks, self.pipeline.grid, self.field_of_view)
         if not prepared.condition.any():
+            view = prepared.field_of_view
             raise VolumeError(
-                f"{row['id']}: no labelled voxel inside the model's field of view (the centred "
-                f"{'x'.join(map(str, self.pipeline.roi_size))} voxels of the mask)"
+                f"{row['id']}: no labelled voxel inside the model's field of view "
+                f"({'x'.join(map(str, self.pipeline.roi_size))} voxels of the model's grid, voxels "
+                f"{view['voxels']} of the mask); is the mask empty after resampling, or use --field-of-view label"
             )
         first = next(iter(masks.values()))
         return prepared, first.array  # integer labels, for the preview's outlines
@@ -498,18 +505,36 @@ class Synthesizer:
             if self.previews:
                 picture = preview(hu, prepared.source_affine, mask, title=row["name"])
                 shown = self.layout.publish(save_png(picture, self.layout.preview(row["name"])), keep=False)
+            view = prepared.field_of_view
+            if view["cut"] > 0:
+                fields["warning"] = (
+                    f"{view['cut']:.1%} of the labelled voxels lie outside the model's field of view (voxels "
+                    f"{view['voxels']} of the mask): synthesised for the part in view"
+                )
             record = self._record(
                 row,
                 output=volume,
                 preview=shown,
                 shape=list(hu.shape),
                 seconds=share + time.perf_counter() - began,
+                field_of_view=view,
                 **fields,
             )
             return write_record(self.layout, record)
         except BaseException:
             storage.remove(volume)  # a volume without its ok record must not count as done
             raise
+
+
+def _ranges(values: list[int]) -> str:
+    """Sorted integers as runs: [1, 2, 3, 5, 7, 8] -> "1-3, 5, 7-8"."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def manifest_frame(frame: pd.DataFrame, records: dict[str, dict], condition_keys: list[str]) -> pd.DataFrame:
@@ -528,6 +553,7 @@ def manifest_frame(frame: pd.DataFrame, records: dict[str, dict], condition_keys
         "vqgan_id",
         "status",
         "error",
+        "warning",
         "seconds",
         "attempts",
     ]

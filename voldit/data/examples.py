@@ -13,6 +13,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "totalsegmentator==2.18.0"
@@ -81,5 +83,46 @@ def write_crops(
         pair = (dest / f"ct_{k:02d}.nii.gz", dest / f"seg_{k:02d}.nii.gz")
         nib.save(nib.Nifti1Image(ct[x : x + 64, y : y + 64, z : z + 32], affine), pair[0])
         nib.save(nib.Nifti1Image(seg[x : x + 64, y : y + 64, z : z + 32].astype(np.uint8), affine), pair[1])
+        rows.append(pair)
+    return rows
+
+
+def _stored_as(array: np.ndarray, affine: np.ndarray, how: str) -> tuple[np.ndarray, np.ndarray]:
+    """The same anatomy stored another way: "RAS" as is, "LPS" with the first two axes reversed (as DICOM
+    converters often write), "thick" with every other slice (twice the slice spacing)."""
+    if how == "LPS":
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        flip[:2, 3] = np.asarray(array.shape[:2]) - 1
+        return np.ascontiguousarray(array[::-1, ::-1]), affine @ flip
+    if how == "thick":
+        return np.ascontiguousarray(array[:, :, ::2]), affine @ np.diag([1.0, 1.0, 2.0, 1.0])
+    return array, affine
+
+
+def write_sections(
+    dest: str | Path, examples: dict[str, tuple[Path, Path]], count: int = 12, slices: int = 64
+) -> list[tuple[Path, Path]]:
+    """Cut ``count`` whole-body sections (the full 366x303 mm axial extent, ``slices`` slices of 3 mm)
+    out of the 122x101x112 example CT, with their organ masks, at offsets spread along the body. They
+    are stored on three grids in turn: RAS at 3 mm, LPS at 3 mm, and RAS at 3x3x6 mm (every other
+    slice), so a model with a target spacing and orientation sees the same anatomy however it is stored."""
+    import nibabel as nib
+
+    image_path, mask_path = examples["example_ct"]
+    image, mask = nib.load(image_path), nib.load(mask_path)
+    ct, seg = np.asarray(image.dataobj), np.asarray(mask.dataobj).astype(np.uint8)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    last = ct.shape[2] - slices
+    rows = []
+    for k in range(count):
+        z = round(k * last / max(1, count - 1))
+        affine = image.affine.copy()
+        affine[:3, 3] = image.affine[:3, :3] @ [0, 0, z] + image.affine[:3, 3]
+        how = ("RAS", "LPS", "thick")[k % 3]
+        pair = (dest / f"ct_{k:02d}.nii.gz", dest / f"seg_{k:02d}.nii.gz")
+        for array, path in ((ct[:, :, z : z + slices], pair[0]), (seg[:, :, z : z + slices], pair[1])):
+            stored, stored_affine = _stored_as(array, affine, how)
+            nib.save(nib.Nifti1Image(stored, stored_affine), path)
         rows.append(pair)
     return rows

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from voldit import storage
 from voldit.data.nifti import label_values
+from voldit.data.preprocess import Grid
 from voldit.errors import VolditError
 from voldit.qc import add_histograms, reference
 
@@ -51,8 +52,11 @@ class LatentDatasetInfo:
     latent_std: float
     roi_size: list[int]
     condition_keys: list[str] = field(default_factory=list)
+    # The model grid the crops were taken on (voldit.data.preprocess.Grid); null: as stored.
+    spacing: list[float] | None = None
+    orientation: str | None = None
     vqgan_checkpoint: str = ""
-    labels: dict[str, list[int]] = field(default_factory=dict)  # label values seen per condition key
+    labels: dict[str, list[int]] = field(default_factory=dict)  # label values per key, over whole masks
     # HU per label value of each condition key in the real crops (voldit.qc): the quality gate's reference
     hu_reference: dict[str, dict[str, dict]] = field(default_factory=dict)
     created: str = ""
@@ -86,8 +90,11 @@ def write_part(folder: str | Path, rows: list[dict], condition_keys: Sequence[st
     for key in condition_keys:
         columns[key] = _tensor_column([r[key] for r in rows], np.int16)
         columns[f"{key}_path"] = pa.array([r[f"{key}_path"] for r in rows], pa.string())
-        stored = (np.asarray(r[key], dtype=np.int16) for r in rows)  # as the column stores them
-        labels[key] = sorted({int(v) for mask in stored for v in label_values(mask)})
+        # The whole masks' labels where the encoder counted them, else the stored crops'.
+        found = (
+            r["labels"][key] if "labels" in r else label_values(np.asarray(r[key], np.int16)) for r in rows
+        )
+        labels[key] = sorted({int(v) for values in found for v in values})
     stats = {
         "count": int(latents.size),
         "sum": float(latents.sum(dtype=np.float64)),
@@ -136,9 +143,11 @@ def committed_ids(folder: str | Path) -> set[str]:
 
 
 def summarise(
-    folder: str | Path, roi_size: Sequence[int], condition_keys: Sequence[str], vqgan_checkpoint: str
+    folder: str | Path, grid: Grid | Sequence[int], condition_keys: Sequence[str], vqgan_checkpoint: str
 ) -> LatentDatasetInfo:
-    """Combine every part's statistics into the dataset's info (and scale factor) and store it."""
+    """Combine every part's statistics into the dataset's info (and scale factor) and store it; ``grid``
+    is the VQ-GAN's (a bare roi_size: stored order and spacing)."""
+    grid = Grid.of(grid)
     found = parts(folder)
     if not found:
         raise LatentDatasetError(f"{folder} holds no latent parts: nothing was encoded")
@@ -174,8 +183,9 @@ def summarise(
         scale_factor=1.0 / std,
         latent_mean=mean,
         latent_std=std,
-        roi_size=list(roi_size),
+        roi_size=list(grid.roi_size),
         condition_keys=list(condition_keys),
+        **grid.recorded(),
         vqgan_checkpoint=str(vqgan_checkpoint),
         labels={k: sorted(v) for k, v in labels.items()},
         hu_reference=reference(histograms),

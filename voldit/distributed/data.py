@@ -14,15 +14,15 @@ import torch
 from voldit import storage
 from voldit.data.latents import PART_GLOB, LatentDatasetError, parts
 from voldit.data.nifti import check_same_grid, read_volume
-from voldit.data.preprocess import prepare
+from voldit.data.preprocess import Grid, prepare
 from voldit.training.context import VAL_ROW
 
 
 class VolumeLoader:
     """Row {id, image, <key>...} of paths -> preprocessed {id, image (1, *roi) float32, <key>..., affine}."""
 
-    def __init__(self, roi_size: Sequence[int], train: bool, mask_keys: Sequence[str] = ()) -> None:
-        self.roi_size, self.train, self.mask_keys = list(roi_size), train, list(mask_keys)
+    def __init__(self, grid: Grid | Sequence[int], train: bool, mask_keys: Sequence[str] = ()) -> None:
+        self.grid, self.train, self.mask_keys = Grid.of(grid), train, list(mask_keys)
 
     def __call__(self, row: dict) -> dict:
         image = read_volume(row["image"])
@@ -30,7 +30,7 @@ class VolumeLoader:
         for key in self.mask_keys:
             masks[key] = read_volume(row[key])
             check_same_grid(image, masks[key], f"{row['id']}: {key}")
-        out = prepare(image, masks, self.roi_size, train=self.train)
+        out = prepare(image, masks, self.grid, train=self.train)
         result = {"id": row["id"], "image": out["image"].numpy(), "affine": out["affine"]}
         for key in self.mask_keys:
             result[key] = out[key].numpy()
@@ -39,7 +39,7 @@ class VolumeLoader:
 
 def volume_dataset(
     frame: pd.DataFrame,
-    roi_size: Sequence[int],
+    grid: Grid | Sequence[int],
     train: bool,
     mask_keys: Sequence[str] = (),
     rows_per_task: int = 1,
@@ -51,7 +51,7 @@ def volume_dataset(
     """
     records = frame[["id", "image", *mask_keys]].to_dict("records")
     dataset = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // rows_per_task)))
-    return dataset.map(VolumeLoader(roi_size, train, mask_keys))
+    return dataset.map(VolumeLoader(grid, train, mask_keys))
 
 
 MATERIALIZE_BELOW = 1 << 30  # bytes of parquet: smaller latent sets are read once and kept in memory

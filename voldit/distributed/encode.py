@@ -15,6 +15,7 @@ from voldit import storage
 from voldit.checkpoint import load_checkpoint
 from voldit.data.latents import LatentDatasetInfo, committed_ids, remove_stale_temporaries, summarise
 from voldit.data.manifest import read_manifest
+from voldit.data.preprocess import Grid
 from voldit.distributed.runtime import ensure_ray, require_gpus, require_shared_storage
 from voldit.encode import Encoder
 
@@ -53,7 +54,7 @@ def encode(
     output = storage.resolve(output)
     vqgan = storage.resolve(vqgan)
     vq = load_checkpoint(vqgan, stage="vqgan")  # fail before any work if the checkpoint is wrong
-    roi_size = list(vq.config.training.roi_size)
+    grid = Grid.of(vq.config)  # the VQ-GAN's roi_size, spacing and orientation
     frame = read_manifest(csv, ["image", *condition_keys], check_files=False)
     if removed := remove_stale_temporaries(output):
         log.info("removed %d half-written part(s) from an interrupted run", removed)
@@ -67,7 +68,6 @@ def encode(
             vqgan,
             output,
             condition_keys,
-            roi_size,
             batch_size,
             workers,
             gpus_per_worker,
@@ -81,11 +81,11 @@ def encode(
     elif storage.exists(errors):
         storage.remove(errors)
     if summary.encoded or summary.skipped:
-        summary.info = summarise(output, roi_size, condition_keys, vqgan)
+        summary.info = summarise(output, grid, condition_keys, vqgan)
     return summary
 
 
-def _run(todo, vqgan, output, condition_keys, roi_size, batch_size, workers, gpus, address, progress):
+def _run(todo, vqgan, output, condition_keys, batch_size, workers, gpus, address, progress):
     ensure_ray(address)
     require_shared_storage({"--output": output})
     require_gpus(gpus, 1)
@@ -97,7 +97,6 @@ def _run(todo, vqgan, output, condition_keys, roi_size, batch_size, workers, gpu
             vqgan_checkpoint=vqgan,
             output=output,
             condition_keys=list(condition_keys),
-            roi_size=roi_size,
         ),
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)),

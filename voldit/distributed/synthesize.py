@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 
 from voldit import storage
 from voldit.checkpoint import load_checkpoint
+from voldit.data.labels import read_label_map
+from voldit.data.preprocess import FIELDS_OF_VIEW
 from voldit.distributed.runtime import ensure_ray, require_gpus, require_shared_storage
 from voldit.previews import contact_sheet, save_png
 from voldit.qc import parse as qc_parse
@@ -66,14 +68,22 @@ def synthesize(
     address: str | None = None,
     progress: bool = True,
     qc: dict | None = None,
+    field_of_view: str = "label",
+    label_map: str | Path | None = None,
 ) -> SynthesisSummary:
     """Synthesise one volume per CSV row that has none yet in ``output``; see `voldit.synthesis`.
 
     Rows travel as paths and seeds; each actor loads the models once and samples ``batch_size`` masks
     per denoising pass. Rows that fail are recorded with their reason and the others still run. With
     ``qc`` ({min_voxels, min_inside, retries}; see `voldit.qc`) each volume passes the quality gate or is
-    sampled again with the next seed, up to ``retries`` times.
+    sampled again with the next seed, up to ``retries`` times. Each mask is brought onto the model's grid
+    with its ``field_of_view`` placed at the centre of its "label"led region (or the volume's "centre"),
+    its values first mapped by the ``label_map`` file (`voldit.data.labels`), and each volume is put back
+    on its mask's own grid.
     """
+    if field_of_view not in FIELDS_OF_VIEW:
+        raise SynthesisError(f"--field-of-view is {field_of_view!r}; use one of {', '.join(FIELDS_OF_VIEW)}")
+    mapping = read_label_map(label_map) if label_map else {}
     settings = settings or SamplingSettings()
     for url, what in (
         (csv, "mask CSV"),
@@ -98,7 +108,8 @@ def synthesize(
     ensure_ray(address)
     require_shared_storage({"--output": output})  # before the first file is written
     layout = Layout.of(output)
-    _claim(layout, tgca, vq, settings, checkpoint, vqgan, qc)
+    placement = {"field_of_view": field_of_view, "label_map": {str(k): v for k, v in mapping.items()}}
+    _claim(layout, tgca, vq, settings, checkpoint, vqgan, qc, placement)
     if removed := layout.remove_temporaries():
         log.info("removed %d half-written file(s) from an interrupted run", removed)
 
@@ -127,6 +138,8 @@ def synthesize(
                 allow_unseen_labels=allow_unseen_labels,
                 previews=previews,
                 qc=qc,
+                field_of_view=field_of_view,
+                label_map=mapping,
             )
             rows = todo[["id", "name", "seed", *keys]].to_dict("records")
             elapsed = _run(rows, synthesizer, batch_size, workers, gpus_per_worker, progress, finished)
@@ -157,7 +170,14 @@ def synthesize(
 
 
 def _claim(
-    layout: Layout, tgca, vq, settings: SamplingSettings, source: str, vq_source: str, qc: dict | None
+    layout: Layout,
+    tgca,
+    vq,
+    settings: SamplingSettings,
+    source: str,
+    vq_source: str,
+    qc: dict | None,
+    placement: dict,
 ) -> None:
     """Refuse to mix volumes made by other checkpoints or settings into one folder."""
     info = {
@@ -166,6 +186,7 @@ def _claim(
         "vqgan": vq_source,
         "vqgan_id": fingerprint(vq.path),
         **settings.recorded(),
+        **placement,
     }
     path = layout.root / RUN_INFO
     remote = layout.url(path) if layout.remote else None
@@ -175,7 +196,7 @@ def _claim(
     elif path.is_file():
         previous = json.loads(path.read_text())
     if previous is not None:
-        keys = ("checkpoint_id", "vqgan_id", *settings.recorded())
+        keys = ("checkpoint_id", "vqgan_id", *settings.recorded(), *(k for k in placement if k in previous))
         differ = {k: (previous.get(k), info[k]) for k in keys if previous.get(k) != info[k]}
         if differ:
             shown = ", ".join(f"{k}: {a} before, {b} now" for k, (a, b) in differ.items())

@@ -23,6 +23,7 @@ from voldit.checkpoint import Checkpoint, load_checkpoint
 from voldit.config import ConfigError, load_config, section_dict, stage_of
 from voldit.data.latents import LatentDatasetError, load_info
 from voldit.data.manifest import read_manifest
+from voldit.data.preprocess import Grid
 from voldit.distributed.data import arrow_filesystem, latent_dataset, validation_share, volume_dataset
 from voldit.distributed.runtime import ensure_ray, require_gpus, require_shared_storage
 from voldit.training.context import RunContext, TrainingError
@@ -178,6 +179,27 @@ def _tgca_config(cfg: DictConfig, base: Checkpoint) -> DictConfig:
     return load_config(ours)
 
 
+def _with_data_grid(
+    cfg: DictConfig, stage: str, train_data: str, vqgan: str | None, base: Checkpoint | None
+) -> DictConfig:
+    """The config with the grid (spacing, orientation) its latents were made on: recorded in the latent
+    dataset, or the VQ-GAN's when encoding online. The checkpoint keeps it, so sampling reads it there."""
+    if vqgan and str(train_data).endswith(".csv"):
+        grid = Grid.of(load_checkpoint(vqgan, stage="vqgan").config).recorded()
+    else:
+        try:
+            info = load_info(train_data)
+        except LatentDatasetError as error:
+            raise TrainingError(str(error)) from None
+        grid = {"spacing": info.spacing, "orientation": info.orientation}
+    if base is not None and Grid.of(base.config).recorded() != grid:
+        raise TrainingError(
+            f"the training data {train_data} was made on the grid {grid}, but the VolDiT {base.path} was "
+            f"trained on {Grid.of(base.config).recorded()}: encode with the VQ-GAN the VolDiT was trained with"
+        )
+    return OmegaConf.merge(cfg, {"training": grid})
+
+
 def _check_latents(cfg: DictConfig, folder: str, stage: str) -> float:
     info = load_info(folder)
     p = cfg.dit.params
@@ -214,15 +236,16 @@ def _provenance(stage: str, train_data: str, job: TrainJob, base: Checkpoint | N
     return out
 
 
-def _estimate_scale_factor(frame, vqgan: str, roi_size, limit: int = 8) -> float:
+def _estimate_scale_factor(frame, vqgan: str, limit: int = 8) -> float:
     from voldit.data.nifti import read_volume
     from voldit.data.preprocess import prepare
 
-    model = model_from_checkpoint(load_checkpoint(vqgan, stage="vqgan"))
+    checkpoint = load_checkpoint(vqgan, stage="vqgan")
+    model, grid = model_from_checkpoint(checkpoint), Grid.of(checkpoint.config)
     values = []
     with torch.no_grad():
         for path in frame["image"].head(limit):
-            image = prepare(read_volume(path), None, roi_size)["image"][None]
+            image = prepare(read_volume(path), None, grid)["image"][None]
             values.append(model.encode_stage_2_inputs(image).double().numpy().ravel())
     return float(1.0 / np.concatenate(values).std())
 
@@ -262,6 +285,8 @@ def train(
     if stage_of(cfg) != stage:
         raise ConfigError(f"the config describes the {stage_of(cfg)} stage, but --stage is {stage}")
     _check_latent_source(cfg, stage, train_data, vqgan)
+    if stage != "vqgan":
+        cfg = _with_data_grid(cfg, stage, train_data, vqgan, base if stage == "tgca" else None)
     # Locally, leave CPUs beyond the train workers for Ray Data's read tasks (without them, a 2-core
     # machine with 2 workers waits forever).
     ensure_ray(address, num_cpus=max(os.cpu_count() or 1, workers + 2))
@@ -366,18 +391,18 @@ def _ordered():
 
 
 def _datasets(cfg, stage, train_data, val_data, dit, vqgan, job: TrainJob) -> dict:
-    roi = list(cfg.training.roi_size)
+    grid = Grid.of(cfg)
     if stage == "vqgan" or (vqgan and str(train_data).endswith(".csv")):
         frames = {"train": read_manifest(train_data, ["image"])}
         if val_data:
             frames["val"] = read_manifest(val_data, ["image"])
         if stage != "vqgan":
             job.vqgan_checkpoint = storage_lib.resolve(vqgan)
-            job.scale_factor = _estimate_scale_factor(frames["train"], vqgan, roi)
+            job.scale_factor = _estimate_scale_factor(frames["train"], vqgan)
             log.info("scale factor estimated from the first training volumes: %.4f", job.scale_factor)
         augment = cfg.training.augment
         return {
-            split: volume_dataset(frame, roi, train=split == "train" and augment).select_columns(["image"])
+            split: volume_dataset(frame, grid, train=split == "train" and augment).select_columns(["image"])
             for split, frame in frames.items()
         }
     columns = ["latent", *(cfg.tgca.condition_keys if stage == "tgca" else [])]
