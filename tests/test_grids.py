@@ -227,3 +227,16 @@ def test_a_pipeline_with_rows_that_fail_finishes_with_a_report(examples, tmp_pat
 
     for stage in ("dit", "tgca"):
         assert Grid.of(load_checkpoint(out / "runs" / stage / "checkpoints" / "best").config) == GRID
+
+
+def test_evaluation_reads_every_volume_in_ras_order(section, tmp_path):
+    """A synthetic volume keeps its mask's orientation: the report compares it axis for axis with RAS CTs."""
+    from voldit.evaluation import Item, _read
+
+    image, _ = section
+    for how in ("RAS", "LPS"):
+        array, affine = _stored_as(image.array, image.affine, how)
+        nib.save(nib.Nifti1Image(array, affine), tmp_path / f"{how}.nii.gz")
+    ras, lps = (_read(Item(how, str(tmp_path / f"{how}.nii.gz"))) for how in ("RAS", "LPS"))
+    np.testing.assert_array_equal(ras, lps)
+    assert not np.array_equal(nib.load(tmp_path / "LPS.nii.gz").get_fdata(), ras)

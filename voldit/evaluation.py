@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
@@ -437,11 +438,17 @@ def _flat(volumes: Sequence[torch.Tensor]) -> np.ndarray:
 
 
 def _read(item: Item, what: str = "image") -> np.ndarray:
+    """A volume's voxels in RAS order, so volumes stored in other orientations (a synthetic volume keeps
+    its mask's) are compared axis for axis; each is then resized whole to the report's grid."""
     path = item.image if what == "image" else item.mask
     try:
-        return read_volume(path).array
+        volume = read_volume(path)
     except VolumeError as error:
         raise EvaluationError(f"cannot evaluate {item.id}: {error}") from None
+    to_ras = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(volume.affine), nib.orientations.axcodes2ornt("RAS")
+    )
+    return np.ascontiguousarray(nib.orientations.apply_orientation(volume.array, to_ras))
 
 
 def evaluate(
