@@ -240,3 +240,22 @@ def test_evaluation_reads_every_volume_in_ras_order(section, tmp_path):
     ras, lps = (_read(Item(how, str(tmp_path / f"{how}.nii.gz"))) for how in ("RAS", "LPS"))
     np.testing.assert_array_equal(ras, lps)
     assert not np.array_equal(nib.load(tmp_path / "LPS.nii.gz").get_fdata(), ras)
+
+
+def test_a_corrupt_ct_among_the_training_rows_is_skipped_and_training_finishes(crops, tmp_path, ray_session):
+    """One unreadable CT in a training CSV (it exists, so the CSV check passes) costs its row, not the run."""
+    import math
+
+    from tests.conftest import write_csv
+    from voldit.distributed.train import train
+
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x1f\x8b" + bytes(300))
+    rows = [*crops["rows"][:3], (corrupt, crops["rows"][0][1])]
+    csv = write_csv(tmp_path / "train.csv", rows)
+    cfg = load_config(
+        CONFIGS / "tiny" / "vqgan.yaml", overrides=["training.n_epochs=1", "training.augment=false"]
+    )
+    result = train(cfg, "vqgan", str(csv), str(csv), name="vq", storage=str(tmp_path / "runs"), workers=0)
+    assert result.metrics["epoch"] == 1 and math.isfinite(result.metrics["val_loss"])
+    assert result.metrics["val_samples"] == 3  # the three readable rows

@@ -3,6 +3,7 @@ parquet latents (tensor columns)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -13,28 +14,36 @@ import torch
 
 from voldit import storage
 from voldit.data.latents import PART_GLOB, LatentDatasetError, parts
-from voldit.data.nifti import check_same_grid, read_volume
+from voldit.data.nifti import VolumeError, check_same_grid, read_volume
 from voldit.data.preprocess import Grid, prepare
 from voldit.training.context import VAL_ROW
 
+log = logging.getLogger(__name__)
+
 
 class VolumeLoader:
-    """Row {id, image, <key>...} of paths -> preprocessed {id, image (1, *roi) float32, <key>..., affine}."""
+    """Row {id, image, <key>...} of paths -> [preprocessed {id, image (1, *roi) float32, <key>..., affine}],
+    or [] with a warning naming the row and the reason when its files cannot be used (corrupt, not 3D,
+    a mask on another grid): one bad CT among thousands must not stop a training run."""
 
     def __init__(self, grid: Grid | Sequence[int], train: bool, mask_keys: Sequence[str] = ()) -> None:
         self.grid, self.train, self.mask_keys = Grid.of(grid), train, list(mask_keys)
 
-    def __call__(self, row: dict) -> dict:
-        image = read_volume(row["image"])
-        masks = {}
-        for key in self.mask_keys:
-            masks[key] = read_volume(row[key])
-            check_same_grid(image, masks[key], f"{row['id']}: {key}")
+    def __call__(self, row: dict) -> list[dict]:
+        try:
+            image = read_volume(row["image"])
+            masks = {}
+            for key in self.mask_keys:
+                masks[key] = read_volume(row[key])
+                check_same_grid(image, masks[key], f"{row['id']}: {key}")
+        except VolumeError as error:
+            log.warning("skipping row %s: %s", row["id"], error)
+            return []
         out = prepare(image, masks, self.grid, train=self.train)
         result = {"id": row["id"], "image": out["image"].numpy(), "affine": out["affine"]}
         for key in self.mask_keys:
             result[key] = out[key].numpy()
-        return result
+        return [result]
 
 
 def volume_dataset(
@@ -51,7 +60,7 @@ def volume_dataset(
     """
     records = frame[["id", "image", *mask_keys]].to_dict("records")
     dataset = ray.data.from_items(records, override_num_blocks=max(1, -(-len(records) // rows_per_task)))
-    return dataset.map(VolumeLoader(grid, train, mask_keys))
+    return dataset.flat_map(VolumeLoader(grid, train, mask_keys))
 
 
 MATERIALIZE_BELOW = 1 << 30  # bytes of parquet: smaller latent sets are read once and kept in memory
