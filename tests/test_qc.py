@@ -104,3 +104,38 @@ def test_a_volume_that_fails_the_gate_is_sampled_again_with_the_next_seed(tiny_t
     np.testing.assert_array_equal(*volumes)
     # Failing the gate after its retries is final: a resumed run skips the row.
     assert Journal.open(Layout.of(tmp_path / "gated"), ["a"]).done() == {"a"}
+
+
+def test_the_tgca_config_turns_the_gate_on_and_flags_override_it(tmp_path):
+    from tests.conftest import CONFIGS
+    from voldit.builders import build_tgca
+    from voldit.checkpoint import save_checkpoint
+    from voldit.cli import _qc, build_parser
+    from voldit.config import ConfigError, load_config
+
+    def saved(*overrides):
+        cfg = load_config(
+            CONFIGS / "tiny" / "dit.yaml", CONFIGS / "tiny" / "tgca.yaml", overrides=list(overrides)
+        )
+        path = tmp_path / f"tgca{len(list(tmp_path.iterdir()))}"
+        return save_checkpoint(path, config=cfg, stage="tgca", model=build_tgca(cfg).state_dict())
+
+    def settings(checkpoint, *flags):
+        args = build_parser().parse_args(
+            ["synthesize", "--csv", "m.csv", "--tgca", str(checkpoint), "--output", "o", *flags]
+        )
+        return _qc(args)
+
+    default = saved()
+    assert settings(default) is None  # off unless the config or --qc turns it on
+    assert settings(default, "--qc") == qc.settings_dict(qc.QCThresholds())
+    gated = saved("tgca.qc.enabled=true", "tgca.qc.min_inside=0.7", "tgca.qc.retries=1")
+    assert settings(gated) == {"min_voxels": 100, "min_inside": 0.7, "retries": 1}
+    assert settings(gated, "--qc-retries", "3") == {"min_voxels": 100, "min_inside": 0.7, "retries": 3}
+    assert settings(gated, "--no-qc") is None
+    with pytest.raises(ConfigError, match="tgca.qc"):
+        load_config(
+            CONFIGS / "tiny" / "dit.yaml",
+            CONFIGS / "tiny" / "tgca.yaml",
+            overrides=["tgca.qc.min_inside=1.5"],
+        )

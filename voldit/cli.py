@@ -290,10 +290,17 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _qc(args: argparse.Namespace) -> dict | None:
-    """The quality gate's settings from the flags, or None without --qc."""
-    if not args.qc:
+    """The quality gate's settings: the TGCA config's tgca.qc, with the flags given on top; None when
+    the gate is off (tgca.qc.enabled false without --qc, or --no-qc)."""
+    from voldit.checkpoint import load_checkpoint
+    from voldit.config import gate_settings
+
+    gate = load_checkpoint(args.tgca, stage="tgca").config.tgca.qc
+    if not (gate.enabled if args.qc is None else args.qc):
         return None
-    qc = {"min_voxels": args.qc_min_voxels, "min_inside": args.qc_min_inside, "retries": args.qc_retries}
+    qc = gate_settings(gate)
+    given = {"min_voxels": args.qc_min_voxels, "min_inside": args.qc_min_inside, "retries": args.qc_retries}
+    qc.update({k: v for k, v in given.items() if v is not None})
     try:
         qc_parse(qc)  # the one check of the gate's settings
     except ValueError as error:
@@ -607,26 +614,26 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--no-previews", action="store_true", help="skip the preview PNGs and contact sheet")
     syn.add_argument(
         "--qc",
-        action="store_true",
-        help="check each volume's HU per label against the real training data; sample failures again",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="check each volume's HU per label against the real training data and sample failures again "
+        "(default: the TGCA config's tgca.qc.enabled)",
     )
     syn.add_argument(
         "--qc-retries",
         type=int,
-        default=QC_RETRIES,
-        help="samplings with the next seed after a failed gate (--qc)",
+        help=f"samplings with the next seed after a failed gate (default: tgca.qc.retries, {QC_RETRIES})",
     )
     syn.add_argument(
         "--qc-min-inside",
         type=float,
-        default=QC_DEFAULTS.min_inside,
-        help="share of a label's voxels that must lie in the real 5-95%% HU range (--qc)",
+        help="share of a label's voxels that must lie in the real 5-95%% HU range "
+        f"(default: tgca.qc.min_inside, {QC_DEFAULTS.min_inside})",
     )
     syn.add_argument(
         "--qc-min-voxels",
         type=int,
-        default=QC_DEFAULTS.min_voxels,
-        help="labels with fewer voxels are not judged (--qc)",
+        help=f"labels with fewer voxels are not judged (default: tgca.qc.min_voxels, {QC_DEFAULTS.min_voxels})",
     )
     _cluster_flags(syn)
     _sampling_flags(syn)

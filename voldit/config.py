@@ -18,6 +18,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from voldit.diffusion.schedule import PREDICTION_TYPES, SCHEDULES
 from voldit.errors import VolditError
 from voldit.models.attention import BACKENDS
+from voldit.qc import RETRIES as QC_RETRIES
+from voldit.qc import QCThresholds
+from voldit.qc import parse as qc_parse
 
 STAGES = ("vqgan", "dit", "tgca")
 SEED_NUM_WORKERS = 4  # training.num_workers in the authors' files: accepted so they load, never read
@@ -135,9 +138,21 @@ class TGCAParams:
 
 
 @dataclass
+class QualityGate:
+    """`voldit synthesize`'s quality gate for this TGCA's volumes (voldit.qc, which documents the
+    defaults); the --qc/--no-qc and --qc-* flags override each key for one run."""
+
+    enabled: bool = False  # gate every synthesis with this checkpoint, as --qc does
+    min_voxels: int = QCThresholds.min_voxels  # labels with fewer voxels in the view are not judged
+    min_inside: float = QCThresholds.min_inside  # share of a label's voxels in the real 5-95% HU range
+    retries: int = QC_RETRIES  # samplings with the next seed after a failed gate
+
+
+@dataclass
 class TGCA:
     condition_keys: list[str] = field(default_factory=lambda: ["mask"])
     params: TGCAParams = field(default_factory=TGCAParams)
+    qc: QualityGate = field(default_factory=QualityGate)
 
 
 @dataclass
@@ -443,6 +458,10 @@ def _validate_tgca(cfg: DictConfig, source: str) -> None:
         )
     if cfg.training.spatial_dropout_prob:
         _fail(source, "training.spatial_dropout_prob", "is not supported", "set it to 0.0")
+    try:
+        qc_parse(gate_settings(cfg.tgca.qc))
+    except ValueError as error:
+        _fail(source, "tgca.qc", f"is not a usable quality gate ({error})", "see voldit/qc.py for the ranges")
     if cfg.dit is not None:
         depth = cfg.dit.params.depth
         if t.inject_layers is not None and not 1 <= t.inject_layers <= depth:
@@ -459,6 +478,11 @@ def _validate_tgca(cfg: DictConfig, source: str) -> None:
                 f"is {t.finetune_last_n_blocks} for a DiT of depth {depth}",
                 f"use 0..{depth}",
             )
+
+
+def gate_settings(gate: DictConfig) -> dict[str, Any]:
+    """tgca.qc as the gate's settings ({min_voxels, min_inside, retries}; voldit.qc.parse reads them)."""
+    return {"min_voxels": gate.min_voxels, "min_inside": gate.min_inside, "retries": gate.retries}
 
 
 def section_dict(section: DictConfig) -> dict[str, Any]:
