@@ -259,3 +259,22 @@ def test_a_corrupt_ct_among_the_training_rows_is_skipped_and_training_finishes(c
     result = train(cfg, "vqgan", str(csv), str(csv), name="vq", storage=str(tmp_path / "runs"), workers=0)
     assert result.metrics["epoch"] == 1 and math.isfinite(result.metrics["val_loss"])
     assert result.metrics["val_samples"] == 3  # the three readable rows
+
+
+def test_two_condition_keys_come_back_through_the_first_keys_operations(section):
+    image, labels = section
+    organs, lungs = (np.where(labels == v, v, 0).astype(np.int32) for v in (5, 10))
+    masks = {"a": Volume(organs, image.affine), "b": Volume(np.where(lungs > 0, 1, organs), image.affine)}
+    prepared = prepare_condition(masks, GRID, "label")
+    assert prepared.condition.shape == (2, 64, 64, 32)
+    assert tuple(prepared.restore(torch.zeros(64, 64, 32)).shape) == labels.shape
+
+
+def test_samples_lie_in_the_grids_orientation_with_the_references_voxel_sizes():
+    from voldit.sampling import _sample_affine
+
+    reference = np.diag([-0.7, -0.7, 2.0, 1.0])  # an LPS CT
+    affine = _sample_affine(Grid((64, 64, 32), None, "RAS"), reference)
+    assert nib.aff2axcodes(affine) == ("R", "A", "S")  # the voxels are in RAS order, so is the affine
+    np.testing.assert_allclose(np.diag(affine)[:3], [0.7, 0.7, 2.0])
+    np.testing.assert_array_equal(_sample_affine(Grid((64, 64, 32)), reference), reference)

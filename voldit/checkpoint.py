@@ -215,6 +215,8 @@ def load_checkpoint(path: str | Path, stage: str | None = None) -> Checkpoint:
 
     from voldit.config import load_config
 
+    if not (path / "config.yaml").is_file():
+        raise CheckpointError(f"{path} is not a complete voldit checkpoint: config.yaml is missing")
     stored = OmegaConf.load(path / "config.yaml")
     if "orientation" not in stored.get("training", {}):  # saved before grids: the stored voxel order
         OmegaConf.update(stored, "training.orientation", None, force_add=True)

@@ -292,9 +292,11 @@ def _sample(args: argparse.Namespace) -> int:
 def _qc(args: argparse.Namespace) -> dict | None:
     """The quality gate's settings: the TGCA config's tgca.qc, with the flags given on top; None when
     the gate is off (tgca.qc.enabled false without --qc, or --no-qc)."""
+    from voldit import storage
     from voldit.checkpoint import load_checkpoint
     from voldit.config import gate_settings
 
+    storage.check(args.tgca, "TGCA checkpoint")  # one clear error for a bad bucket or credentials
     gate = load_checkpoint(args.tgca, stage="tgca").config.tgca.qc
     if not (gate.enabled if args.qc is None else args.qc):
         return None

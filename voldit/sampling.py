@@ -257,6 +257,25 @@ def epoch_checkpoints(run_dir: str | Path, start: int, end: int, step: int = 1) 
     return [(e, complete[f"epoch_{e:04d}"]) for e in wanted]
 
 
+def _sample_affine(grid: Grid, reference: np.ndarray | None) -> np.ndarray:
+    """Where unconditional samples lie: the grid's axes and spacing when it has them (the voxels come
+    out in the grid's orientation), the reference's voxel sizes where the grid keeps each file's own."""
+    if not grid.orientation and not grid.spacing:  # the stored order: the reference's own geometry
+        return reference if reference is not None else np.eye(4)
+    sizes = None
+    if reference is not None and grid.orientation:
+        import nibabel as nib
+
+        zooms = np.linalg.norm(reference[:3, :3], axis=0)
+        move = nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(reference), nib.orientations.axcodes2ornt(grid.orientation)
+        )
+        sizes = [0.0, 0.0, 0.0]
+        for axis, (target, _) in enumerate(move):
+            sizes[int(target)] = float(zooms[axis])
+    return grid.affine(sizes)
+
+
 def write_samples(
     checkpoint: str | Path,
     output: str | Path,
@@ -273,8 +292,9 @@ def write_samples(
     s3:// prefix) as int16 HU
     NIfTI (``sample_NNN.nii.gz``, sample k seeded ``seed + k``) with a preview PNG each.
 
-    The affine is the model grid's (its spacing and orientation) when its checkpoint records a spacing,
-    else the ``reference`` NIfTI's (e.g. a training CT), else 1 mm isotropic.
+    The affine is the model grid's (its orientation and spacing; the ``reference`` NIfTI's voxel sizes, e.g.
+    a training CT's, where the grid keeps each file's own, else 1 mm), or the reference's own when the
+    model reads volumes in their stored order.
     """
     from tqdm.auto import tqdm
 
@@ -282,10 +302,7 @@ def write_samples(
     from voldit.previews import preview, save_png
 
     pipeline = Pipeline(checkpoint, vqgan, settings, device, stage="dit")
-    if pipeline.grid.spacing:
-        affine = pipeline.grid.affine()
-    else:
-        affine = read_volume(reference).affine if reference else np.eye(4)
+    affine = _sample_affine(pipeline.grid, read_volume(reference).affine if reference else None)
     remote = str(output) if storage.is_remote(output) else None
     with tempfile.TemporaryDirectory(prefix="voldit-samples-") as staging:
         folder = Path(staging) if remote else Path(output)  # a remote output is staged, then uploaded

@@ -67,10 +67,11 @@ class Grid:
         """What latents and checkpoints store: {"spacing": [..] or None, "orientation": str or None}."""
         return {"spacing": list(self.spacing) if self.spacing else None, "orientation": self.orientation}
 
-    def affine(self) -> np.ndarray:
+    def affine(self, spacing: Sequence[float] | None = None) -> np.ndarray:
         """A voxel-to-world affine for a volume of roi_size on this grid, centred on the origin (for
-        volumes sampled without a mask); 1 mm and the stored axes where the grid leaves them open."""
-        spacing = self.spacing or (1.0, 1.0, 1.0)
+        volumes sampled without a mask); where the grid leaves them open, ``spacing`` (else 1 mm) and
+        the RAS axes."""
+        spacing = self.spacing or spacing or (1.0, 1.0, 1.0)
         affine = np.eye(4)
         for axis, code in enumerate(self.orientation or "RAS"):
             world, sign = _AXES[code]
@@ -231,7 +232,10 @@ def prepare_condition(
         if len(labelled):
             centre = (labelled.min(axis=0) + labelled.max(axis=0) + 1) / 2
             start = np.clip(np.round(centre - size / 2).astype(int), 0, shape - size)
-    crop = SpatialCropd(keys, roi_start=start.tolist(), roi_end=(start + size).tolist())
+    # allow_missing_keys: `restore` puts one volume back through the first key's operations alone.
+    crop = SpatialCropd(
+        keys, roi_start=start.tolist(), roi_end=(start + size).tolist(), allow_missing_keys=True
+    )
     out = crop(out)
     transform = Compose([*before.transforms, crop])
     first = next(iter(masks.values()))

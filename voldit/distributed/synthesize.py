@@ -196,7 +196,9 @@ def _claim(
     elif path.is_file():
         previous = json.loads(path.read_text())
     if previous is not None:
-        keys = ("checkpoint_id", "vqgan_id", *settings.recorded(), *(k for k in placement if k in previous))
+        # Folders made before placements were recorded had masks centre-cropped and unmapped.
+        previous = {"field_of_view": "centre", "label_map": {}, **previous}
+        keys = ("checkpoint_id", "vqgan_id", *settings.recorded(), *placement)
         differ = {k: (previous.get(k), info[k]) for k in keys if previous.get(k) != info[k]}
         if differ:
             shown = ", ".join(f"{k}: {a} before, {b} now" for k, (a, b) in differ.items())

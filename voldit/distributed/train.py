@@ -236,12 +236,12 @@ def _provenance(stage: str, train_data: str, job: TrainJob, base: Checkpoint | N
     return out
 
 
-def _estimate_scale_factor(frame, vqgan: str, limit: int = 8) -> float:
+def _estimate_scale_factor(frame, vqgan: str, grid: Grid, limit: int = 8) -> float:
     from voldit.data.nifti import read_volume
     from voldit.data.preprocess import prepare
 
     checkpoint = load_checkpoint(vqgan, stage="vqgan")
-    model, grid = model_from_checkpoint(checkpoint), Grid.of(checkpoint.config)
+    model = model_from_checkpoint(checkpoint)  # images on the run's grid, as its data loader reads them
     values = []
     with torch.no_grad():
         for path in frame["image"].head(limit):
@@ -398,7 +398,7 @@ def _datasets(cfg, stage, train_data, val_data, dit, vqgan, job: TrainJob) -> di
             frames["val"] = read_manifest(val_data, ["image"])
         if stage != "vqgan":
             job.vqgan_checkpoint = storage_lib.resolve(vqgan)
-            job.scale_factor = _estimate_scale_factor(frames["train"], vqgan)
+            job.scale_factor = _estimate_scale_factor(frames["train"], vqgan, grid)
             log.info("scale factor estimated from the first training volumes: %.4f", job.scale_factor)
         augment = cfg.training.augment
         return {
