@@ -561,11 +561,6 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every stage")
     pipe.add_argument("--no-qc", action="store_true", help="synthesise without the quality gate")
     _placement_flags(pipe)
-    pipe.add_argument(
-        "--allow-unseen-labels",
-        action="store_true",
-        help="synthesise from masks with label values the TGCA never saw in training",
-    )
     _cluster_flags(pipe, address=False)
 
     smp = verbs.add_parser(
@@ -607,11 +602,6 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1.0: none)")
     syn.add_argument("--workers", type=int, default=1, help="synthesizer actors at most (one per GPU)")
     syn.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (0: CPU)")
-    syn.add_argument(
-        "--allow-unseen-labels",
-        action="store_true",
-        help="synthesise from masks with label values the TGCA never saw in training",
-    )
     _placement_flags(syn)
     syn.add_argument("--no-previews", action="store_true", help="skip the preview PNGs and contact sheet")
     syn.add_argument(
@@ -771,7 +761,12 @@ def _seconds(text: str) -> float:
 
 
 def _placement_flags(parser: argparse.ArgumentParser) -> None:
-    """How masks meet the model: label maps and the field of view (synthesize and pipeline)."""
+    """How masks meet the model: label maps, unseen labels and the field of view (synthesize and pipeline)."""
+    parser.add_argument(
+        "--allow-unseen-labels",
+        action="store_true",
+        help="synthesise from masks with label values the TGCA never saw in training",
+    )
     parser.add_argument(
         "--label-map",
         metavar="FILE",

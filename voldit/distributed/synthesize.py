@@ -83,16 +83,17 @@ def synthesize(
     """
     if field_of_view not in FIELDS_OF_VIEW:
         raise SynthesisError(f"--field-of-view is {field_of_view!r}; use one of {', '.join(FIELDS_OF_VIEW)}")
-    mapping = read_label_map(label_map) if label_map else {}
     settings = settings or SamplingSettings()
     for url, what in (
         (csv, "mask CSV"),
         (output, "output"),
         (checkpoint, "TGCA checkpoint"),
         (vqgan, "--vqgan"),
+        (label_map, "--label-map"),
     ):
         if url:
             storage.check(url, what)  # one clear error before any work: endpoint, credentials, bucket
+    mapping = read_label_map(label_map) if label_map else {}
     checkpoint = storage.resolve(checkpoint)
     tgca = load_checkpoint(checkpoint, stage="tgca")  # fail before any work if a checkpoint is wrong
     vq = resolve_vqgan(tgca, vqgan)
