@@ -1,5 +1,10 @@
 """DDPM, DDIM and DPM-Solver++(2M) samplers and classifier-free guidance over any ``denoise(x, t, **cond)``
-callable."""
+callable.
+
+Ours rather than MONAI's schedulers (the seed's): every draw of noise can come from one generator per
+sample, so a volume depends on its own seed only, not on its batch-mates or the batch size, where MONAI's
+step takes one generator for the whole batch.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Noise schedules, the forward (noising) process and conversions between prediction targets."""
+"""Noise schedules, the forward (noising) process and conversions between prediction targets.
+
+Stateless, with one timestep per sample (training noises a batch at different steps); MONAI's schedulers
+keep the inference timesteps as state.
+"""
 
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 The decoder is fully convolutional with no normalisation across the volume, so a tile decoded with
 enough latent context around it (``halo``, at least the decoder's receptive radius) equals the same
 region of a whole decode: tiles are decoded with their halo and only their centres are kept. There is no
-blending, hence no seams beyond floating-point noise.
+blending, hence no seams beyond floating-point noise. MONAI's sliding-window inference blends overlapping
+windows instead (Gaussian or constant weights), which is approximate for a decoder that maps a latent
+window to a larger image; this is exact.
 """
 
 from __future__ import annotations

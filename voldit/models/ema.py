@@ -1,4 +1,9 @@
-"""Exponential moving average of a model's trainable parameters."""
+"""Exponential moving average of a model's trainable parameters.
+
+Ours rather than torch.optim.swa_utils.AveragedModel or MONAI's: those deep-copy the whole module, and a
+TGCA wraps a frozen VolDiT (hundreds of millions of parameters that never change). This shadows only the
+parameters that train, in float32, updated in one fused foreach lerp.
+"""
 
 from __future__ import annotations
 
