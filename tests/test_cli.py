@@ -42,7 +42,8 @@ def test_python_dash_m_entry_point():
 
 
 def test_sampler_flag_takes_dpmpp_and_eta_only_with_ddim(tmp_path, capsys):
-    from voldit.cli import _settings, build_parser
+    from voldit.cli import build_parser
+    from voldit.cli.generate import _settings
 
     for verb in (["sample", "--checkpoint", "c"], ["synthesize", "--csv", "m.csv", "--tgca", "c"]):
         args = build_parser().parse_args(

@@ -67,7 +67,25 @@ def pipeline_run(cluster, s3_server, examples):
     )  # fmt: skip
     print(f"pipeline job on the cluster: {time.time() - began:.0f} s")
     assert code == 0 and "succeeded" in output, output[-6000:]
-    return {"bucket": bucket, "out": out}
+    return {"bucket": bucket, "out": out, "output": output}
+
+
+def test_a_cluster_job_shows_its_own_progress_not_rays(pipeline_run):
+    """Ray's INFO lines (dataset plans, per-report and checkpoint notices, worker group set-up) stay off
+    the job's output on every node; each stage's epoch line comes once, from rank 0 of its 2 workers."""
+    output = pipeline_run["output"]
+    for notice in (
+        "Execution plan of Dataset",
+        "Starting execution of Dataset",
+        "Reporting training result",
+        "Checkpoint successfully created",
+        "Attempting to start training worker group",
+        "Progress bars disabled",
+    ):
+        assert notice not in output, notice
+    for stage in ("vqgan", "dit", "tgca"):
+        lines = [line for line in output.splitlines() if f"[{stage}] epoch 1/1 done at step" in line]
+        assert len(lines) == 1, (stage, lines)
 
 
 def test_pipeline_job_on_a_multi_node_cluster_with_s3(

@@ -12,11 +12,13 @@ from voldit.data.nifti import (
     check_same_grid,
     decode_volume,
     label_values,
+    mask_labels,
     read_volume,
     relayout,
     write_volume,
 )
 from voldit.data.preprocess import prepare
+from voldit.data.rows import read_row
 
 
 def test_real_ct_decodes_with_geometry(examples):
@@ -102,6 +104,24 @@ def test_singleton_fourth_axis_and_grid_mismatch():
     shifted[0, 3] = 5.0
     with pytest.raises(VolumeError, match="mask affine differs"):
         check_same_grid(a, decode_volume(_nifti_bytes(np.zeros((4, 4, 4), np.float32), shifted)), "r")
+
+
+def test_a_row_is_read_with_its_masks_on_the_image_grid(tmp_path):
+    """The one row reader of training and encoding, and the one label-map check of encoding and synthesis."""
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    image = write_volume(tmp_path / "ct.nii.gz", np.zeros((4, 4, 4), np.int16), affine)
+    labels = write_volume(tmp_path / "m.nii.gz", np.full((4, 4, 4), 2, np.uint8), affine)
+    other = write_volume(tmp_path / "other.nii.gz", np.zeros((4, 4, 5), np.uint8), affine)
+    fraction = write_volume(tmp_path / "f.nii.gz", np.full((4, 4, 4), 0.5, np.float32), affine)
+    ct, masks = read_row({"id": "r", "image": image, "mask": labels}, ["mask"])
+    assert ct.array.dtype == masks["mask"].array.dtype == np.float32
+    assert mask_labels(masks["mask"], "mask m.nii.gz").dtype == np.int32
+    with pytest.raises(VolumeError, match="^r: other: mask shape"):
+        read_row({"id": "r", "image": image, "mask": labels, "other": other}, ["mask", "other"])
+    with pytest.raises(VolumeError, match=r"^mask f\.nii\.gz: not a label map \(non-integer values\)$"):
+        mask_labels(
+            read_row({"id": "r", "image": image, "mask": fraction}, ["mask"])[1]["mask"], "mask f.nii.gz"
+        )
 
 
 def test_write_is_atomic_and_round_trips(tmp_path):

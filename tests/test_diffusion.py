@@ -7,6 +7,7 @@ from monai.networks.schedulers.scheduler import NoiseSchedules
 
 from voldit.diffusion import NoiseSchedule, classifier_free, diffusion_loss, sample
 from voldit.diffusion.schedule import _cosine_betas
+from voldit.precision import autocast, resolve
 
 if "voldit_cosine" not in NoiseSchedules:
     NoiseSchedules.add_def("voldit_cosine", "the cosine schedule as VolDiT trains it")(
@@ -304,3 +305,14 @@ def test_eta_belongs_to_ddim():
         sample(lambda x, t: x, s, (1, 1, 2, 2, 2), torch.Generator(), "dpmpp", steps=2, eta=0.5)
     with pytest.raises(ValueError, match="the ddpm sampler takes none"):
         sample(lambda x, t: x, s, (1, 1, 2, 2, 2), torch.Generator(), "ddpm", steps=2, eta=0.5)
+
+
+def test_precision_modes_map_to_one_autocast():
+    """Sampling's auto is bf16 on GPU and full precision on CPU; an explicit mode autocasts anywhere."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve("auto", cuda) == "bf16" and resolve("auto", cpu) == "no" and resolve("fp16", cpu) == "fp16"
+    for mode in ("auto", "no"):
+        with autocast(mode, cpu):
+            assert not torch.is_autocast_enabled("cpu")
+    with autocast("bf16", cpu):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16

@@ -8,20 +8,22 @@ import json
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from tests.conftest import write_csv
+from voldit.data.intensity import hu_counts, hu_edges
 from voldit.data.nifti import read_volume
 from voldit.evaluation import (
+    HU_BIN,
     EvaluationError,
     evaluate,
     frechet_distance,
     histogram_distances,
-    hu_counts,
-    hu_edges,
     label_medians,
     label_tissues,
+    load_items,
     mask_dice,
     measure,
     median_distance,
@@ -31,17 +33,18 @@ from voldit.evaluation import (
     real_halves,
     resize,
 )
+from voldit.synthesis import Layout, manifest_frame, write_manifest
 
 
 def _density(volumes: np.ndarray) -> np.ndarray:
     """The pooled HU histogram of a volume (or a stack of them): (bins,) summing to 1."""
-    return hu_counts(volumes) / volumes.size
+    return hu_counts(volumes, HU_BIN) / volumes.size
 
 
 def test_hu_histogram_distances_by_hand():
     p = _density(np.full((4, 4, 4), -990.0))  # all in the first 20-HU bin
     q = _density(np.full((2, 2, 2), -950.0))  # all in the third
-    edges = hu_edges()
+    edges = hu_edges(HU_BIN)
     assert edges[0] == -1000 and edges[-1] == 1000 and len(p) == 100
     distances = histogram_distances(p, q)
     assert distances["wasserstein_hu"] == pytest.approx(40.0)  # the mass moves two bins of 20 HU
@@ -76,6 +79,25 @@ def test_ms_ssim_diversity():
     pairs = list(itertools.combinations(range(3), 2))
     assert ms_ssim_pairs(others, pairs).mean() < 0.1  # independent noise shares no structure
     assert measure(["one"], [np.zeros((8, 8, 8))], (8, 8, 8)).diversity() is None  # no pair to measure
+
+
+def test_a_synthesis_folder_gives_the_volumes_it_wrote(tmp_path):
+    """Rows whose volume was written, gate passed or not, each with its mask; failed rows have none."""
+    layout = Layout.of(tmp_path / "synthetic")
+    frame = pd.DataFrame({"id": ["a", "b", "c"], "name": ["a", "b", "c"], "seed": [1, 2, 3]})
+    frame["organs"] = ["ma.nii.gz", "mb.nii.gz", "mc.nii.gz"]
+    records = {
+        "a": {"status": "ok", "output": "a.nii.gz"},
+        "b": {"status": "qc_failed", "output": "b.nii.gz"},
+    }
+    write_manifest(
+        manifest_frame(frame, {**records, "c": {"status": "failed"}}, ["organs"]), layout.manifest()
+    )
+    items = load_items(tmp_path / "synthetic")
+    assert [(i.id, i.image, i.mask) for i in items] == [
+        ("a", "a.nii.gz", "ma.nii.gz"),
+        ("b", "b.nii.gz", "mb.nii.gz"),
+    ]
 
 
 def test_mask_fidelity_by_hand():

@@ -1,7 +1,16 @@
 import numpy as np
+import pytest
 import torch
 
-from voldit.data.intensity import HU_MAX, HU_MIN, hu_to_unit, unit_to_hu, unit_to_hu_int16
+from voldit.data.intensity import (
+    HU_MAX,
+    HU_MIN,
+    hu_counts,
+    hu_edges,
+    hu_to_unit,
+    unit_to_hu,
+    unit_to_hu_int16,
+)
 
 
 def test_window_endpoints_and_clipping():
@@ -35,3 +44,22 @@ def test_tensor_and_array_inputs_round_alike():
     assert np.array_equal(unit_to_hu_int16(x), unit_to_hu_int16(x.numpy()))
     assert unit_to_hu_int16(x).dtype == np.int16
     assert torch.equal(x, before)  # the conversion works in place on its own copy, never the caller's
+
+
+@pytest.mark.parametrize("bin_width", [10, 20.0])
+def test_histogram_bins_match_numpy_at_every_edge(bin_width):
+    """The quality gate and the evaluation count the window alike, and as np.histogram does on the
+    clipped values, also for the floats one ulp either side of each edge."""
+    edges = hu_edges(bin_width)
+    assert edges[0] == HU_MIN and edges[-1] == HU_MAX and np.all(np.diff(edges) == bin_width)
+    at = edges.astype(np.float32)
+    near = np.concatenate([np.nextafter(at, -np.inf), at, np.nextafter(at, np.inf), [-3000, 3071]])
+    hu = np.concatenate([np.random.default_rng(0).normal(0, 700, 10_000), near]).astype(np.float32)
+    expected = np.histogram(np.clip(hu, HU_MIN, HU_MAX), bins=edges)[0]
+    assert np.array_equal(hu_counts(hu, bin_width), expected)
+    assert np.array_equal(
+        hu_counts(hu.astype(np.int16), bin_width),
+        np.histogram(np.clip(hu.astype(np.int16), HU_MIN, HU_MAX), bins=edges)[0],
+    )
+    with pytest.raises(ValueError, match="does not divide the window"):
+        hu_edges(30)

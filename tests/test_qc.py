@@ -110,7 +110,8 @@ def test_the_tgca_config_turns_the_gate_on_and_flags_override_it(tmp_path):
     from tests.conftest import CONFIGS
     from voldit.builders import build_tgca
     from voldit.checkpoint import save_checkpoint
-    from voldit.cli import _qc, build_parser
+    from voldit.cli import build_parser
+    from voldit.cli.generate import _qc
     from voldit.config import ConfigError, load_config
 
     def saved(*overrides):

@@ -1,5 +1,6 @@
 """Sampling and synthesis: unconditional `voldit sample`, the `voldit synthesize` Ray job over mask CSVs."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -14,11 +15,12 @@ import torch
 from tests.conftest import CONFIGS, ROOT, kill_when, write_csv
 from voldit.builders import build_vqgan
 from voldit.config import load_config
-from voldit.data.nifti import Volume
+from voldit.data.nifti import Volume, write_volume
 from voldit.data.preprocess import prepare_condition
 from voldit.models.decoding import decode_tiled
 from voldit.sampling import Pipeline, SamplingSettings
-from voldit.synthesis import SynthesisError, plan_rows, safe_name
+from voldit.synthesis import SynthesisError, plan_rows, safe_name, write_record
+from voldit.synthesis_plan import Request, plan
 
 FAST = SamplingSettings(sampler="ddim", steps=4)
 
@@ -107,6 +109,29 @@ def test_rows_get_stable_seeds_and_problems_before_work(tmp_path):
     csv.write_text("id,mask\na,m1.nii.gz\na,m2.nii.gz\n")
     with pytest.raises(SynthesisError, match="duplicates"):
         plan_rows(csv, ["mask"])
+
+
+def test_a_resumed_run_is_planned_without_ray(tmp_path):
+    """The plan alone: rows finished before are skipped, rows with a problem are recorded as failed
+    without any work, rows an actor finds finished count as skipped, and other settings are refused."""
+    csv = tmp_path / "m.csv"
+    csv.write_text("id,mask,seed\na,m1.nii.gz,1\nb,m2.nii.gz,2\nc,m3.nii.gz,x\n")
+    info = {"checkpoint_id": "1" * 12, "vqgan_id": "2" * 12, **FAST.recorded(), "field_of_view": "label"}
+    request = Request(csv, tmp_path / "out", plan_rows(csv, ["mask"]), ["mask"], FAST, None, info, {})
+    first = plan(request)
+    assert (first.todo["id"].tolist(), first.skipped) == (["a", "b"], 0)
+    assert first.journal.records["c"]["error"] == "seed 'x' is not an integer"
+    # Row a finished as an actor leaves it: its volume, then its ok record.
+    write_volume(first.layout.volume("a"), np.zeros((2, 2, 2), np.int16), np.eye(4))
+    write_record(first.layout, {"id": "a", "name": "a", "seed": 1, "status": "ok", "shape": [2, 2, 2]})
+    again = plan(request)
+    assert (again.todo["id"].tolist(), again.skipped) == (["b"], 1)
+    again.finished({"id": "b", "name": "b", "seed": 2, "status": "ok", "shape": [2, 2, 2]}, found=True)
+    summary = again.summary(None)
+    assert (summary.total, summary.skipped, summary.synthesized) == (3, 2, 0)
+    assert [(r["id"], r["status"]) for r in summary.failed] == [("c", "failed")]
+    with pytest.raises(SynthesisError, match="steps: 4 before, 5 now"):
+        plan(dataclasses.replace(request, run_info={**info, "steps": 5}))
 
 
 def test_a_seed_gives_the_same_volume_in_any_batch(tiny_tgca_run, crops):

@@ -249,7 +249,7 @@ def _first_rows(folder, dest, n):
 def test_validation_shares_give_every_row_to_exactly_one_worker():
     import numpy as np
 
-    from voldit.distributed.data import validation_share
+    from voldit.training.context import validation_share
 
     for rows in range(8):
         for world_size in range(1, 5):

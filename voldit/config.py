@@ -7,7 +7,6 @@ TGCA config can be given together, as the seed's scripts take them. Every defaul
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from voldit.diffusion.schedule import PREDICTION_TYPES, SCHEDULES
 from voldit.errors import VolditError
 from voldit.models.attention import BACKENDS
+from voldit.precision import MODES as PRECISION_MODES
 from voldit.qc import RETRIES as QC_RETRIES
 from voldit.qc import QCThresholds
 from voldit.qc import parse as qc_parse
@@ -298,6 +298,9 @@ def _fail(source: str, key: str, problem: str, fix: str) -> None:
 
 def validate(cfg: DictConfig, source: str = "config", check_roi: bool = True) -> None:
     """Reject impossible combinations with a message that names the key and the fix."""
+    # Imported here: the VQ-GAN module pulls in MONAI, which the CLI should not load at start-up.
+    from voldit.models.vqgan import downsample_factor
+
     roi = list(cfg.training.roi_size)
     if len(roi) != 3 or min(roi) < 1:
         _fail(
@@ -327,6 +330,7 @@ def validate(cfg: DictConfig, source: str = "config", check_roi: bool = True) ->
             f"is {every}",
             "give a step count of 1 or more, or null",
         )
+    factor = None
     if cfg.stage1 is not None:
         p = cfg.stage1.params
         if len(p.num_channels) != len(p.num_res_channels) or len(p.num_channels) != len(
@@ -345,7 +349,7 @@ def validate(cfg: DictConfig, source: str = "config", check_roi: bool = True) ->
                 "has a different length from downsample_parameters",
                 "give one entry per level",
             )
-        factor = math.prod(level[0] for level in p.downsample_parameters)
+        factor = downsample_factor(p.downsample_parameters)
         if check_roi and any(s % factor for s in roi):
             _fail(
                 source,
@@ -354,10 +358,10 @@ def validate(cfg: DictConfig, source: str = "config", check_roi: bool = True) ->
                 f"use sizes that are multiples of {factor}, e.g. {[s - s % factor or factor for s in roi]}",
             )
     if cfg.dit is not None:
-        _validate_dit(cfg, source)
+        _validate_dit(cfg, source, factor)
     if cfg.tgca is not None:
         _validate_tgca(cfg, source)
-    if cfg.training.mixed_precision not in ("bf16", "fp16", "no"):
+    if cfg.training.mixed_precision not in PRECISION_MODES:
         _fail(
             source, "training.mixed_precision", f"is {cfg.training.mixed_precision!r}", "use bf16, fp16 or no"
         )
@@ -375,7 +379,8 @@ def validate(cfg: DictConfig, source: str = "config", check_roi: bool = True) ->
         )
 
 
-def _validate_dit(cfg: DictConfig, source: str) -> None:
+def _validate_dit(cfg: DictConfig, source: str, factor: int | None) -> None:
+    """``factor``: the VQ-GAN's downsampling factor, when the config has a stage1 section."""
     p, s = cfg.dit.params, cfg.dit.scheduler
     if p.hidden_size % p.num_heads:
         _fail(
@@ -414,7 +419,6 @@ def _validate_dit(cfg: DictConfig, source: str) -> None:
         )
     if cfg.stage1 is not None:
         p1 = cfg.stage1.params
-        factor = math.prod(level[0] for level in p1.downsample_parameters)
         latent = [n // factor for n in cfg.training.roi_size]
         if latent != list(p.input_size):
             _fail(

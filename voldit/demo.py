@@ -169,7 +169,7 @@ def example_data(output: str | Path, cache: str | Path) -> tuple[str, str, str]:
     section's mask to synthesise from; the tiny configs resample them all to 6 mm RAS. For an s3:// output they
     are uploaded under ``<output>/data`` and the CSVs name their URLs, so every node can read them."""
     remote = str(output).rstrip("/") if storage.is_remote(output) else None
-    local = Path(output) if not remote else storage.cache_root() / "demo" / _digest(remote)
+    local = Path(output) if not remote else storage.staging_dir("demo", remote)
     data = local / "data"
     rows = write_sections(data / "sections", fetch_examples(cache))
     if remote:
@@ -183,12 +183,6 @@ def example_data(output: str | Path, cache: str | Path) -> tuple[str, str, str]:
     if remote:
         return tuple(storage.upload(c, storage.join(remote, "data", c.name)) for c in csvs)
     return tuple(str(c) for c in csvs)
-
-
-def _digest(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_demo(

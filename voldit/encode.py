@@ -1,6 +1,8 @@
-"""Encoding CT (and masks) into latents: one callable that reads, preprocesses, encodes and writes a part.
+"""Encoding CT (and masks) into latents: the plan of a run (which rows are left), one callable that reads,
+preprocesses, encodes and writes a part, and the run's summary.
 
-It knows nothing of Ray: Ray Data runs it as an actor (one model load per actor), tests call it directly.
+It knows nothing of Ray: voldit.distributed.encode runs the callable as Ray Data actors (one model load
+per actor) over the plan's rows; tests call it directly.
 """
 
 from __future__ import annotations
@@ -8,21 +10,91 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
+from voldit import storage
 from voldit.builders import model_from_checkpoint
 from voldit.checkpoint import load_checkpoint
 from voldit.data.intensity import unit_to_hu
-from voldit.data.latents import write_part
-from voldit.data.nifti import VolumeError, as_labels, check_same_grid, label_values, read_volume
+from voldit.data.latents import (
+    LatentDatasetInfo,
+    committed_ids,
+    remove_stale_temporaries,
+    summarise,
+    write_part,
+)
+from voldit.data.manifest import read_manifest
+from voldit.data.nifti import label_values, mask_labels
 from voldit.data.preprocess import Grid, prepare
+from voldit.data.rows import read_row
 from voldit.data.workers import io_workers, load_rows
 from voldit.qc import label_histograms
 
 log = logging.getLogger(__name__)
+
+ERRORS_FILE = "errors.csv"  # in the output folder: the rows that could not be encoded, and why
+
+
+@dataclass
+class EncodeSummary:
+    total: int
+    skipped: int
+    encoded: int
+    failed: list[dict] = field(default_factory=list)
+    info: LatentDatasetInfo | None = None
+
+
+@dataclass
+class EncodePlan:
+    """A run's inputs, checked and resolved, and the manifest rows not yet in the output."""
+
+    csv: str
+    vqgan: str
+    output: str
+    grid: Grid
+    condition_keys: list[str]
+    todo: pd.DataFrame
+    summary: EncodeSummary
+
+
+def plan(
+    csv: str | Path, vqgan: str | Path, output: str | Path, condition_keys: Sequence[str] = ()
+) -> EncodePlan:
+    """Check the inputs before any work (storage, checkpoint, manifest) and find the rows left to encode:
+    those whose part was not committed by an earlier run; half-written parts of a crashed run go."""
+    for url, what in ((csv, "manifest"), (output, "output"), (vqgan, "VQ-GAN checkpoint")):
+        storage.check(url, what)  # one clear error before any work: endpoint, credentials, bucket
+    output, vqgan = storage.resolve(output), storage.resolve(vqgan)
+    grid = Grid.of(
+        load_checkpoint(vqgan, stage="vqgan").config
+    )  # the VQ-GAN's roi_size, spacing, orientation
+    frame = read_manifest(csv, ["image", *condition_keys], check_files=False)
+    if removed := remove_stale_temporaries(output):
+        log.info("removed %d half-written part(s) from an interrupted run", removed)
+    todo = frame[~frame["id"].isin(committed_ids(output))]
+    summary = EncodeSummary(total=len(frame), skipped=len(frame) - len(todo), encoded=0)
+    log.info("%d rows in %s: %d already encoded, %d to do", len(frame), csv, summary.skipped, len(todo))
+    return EncodePlan(str(csv), vqgan, output, grid, list(condition_keys), todo, summary)
+
+
+def finish(run: EncodePlan, failed: list[dict]) -> EncodeSummary:
+    """Record the failed rows in ERRORS_FILE (removed once none fail) and the dataset's info, with the
+    scale factor over every part."""
+    summary = run.summary
+    summary.failed, summary.encoded = failed, len(run.todo) - len(failed)
+    errors = storage.join(run.output, ERRORS_FILE)
+    if failed:
+        storage.write_text(errors, pd.DataFrame(failed).to_csv(index=False))
+    elif storage.exists(errors):
+        storage.remove(errors)
+    if summary.encoded or summary.skipped:
+        summary.info = summarise(run.output, run.grid, run.condition_keys, run.vqgan)
+    return summary
 
 
 def default_device() -> torch.device:
@@ -52,15 +124,11 @@ class Encoder:
         self._workers = io_workers()  # a batch's rows read and prepared in parallel
 
     def _load(self, row: dict) -> dict:
-        image = read_volume(row["image"])
-        masks, labels = {}, {}
-        for key in self.condition_keys:
-            masks[key] = read_volume(row[key], dtype=np.float32)
-            check_same_grid(image, masks[key], f"{row['id']}: {key}")
-            whole = as_labels(masks[key].array)
-            if whole is None:
-                raise VolumeError(f"{row['id']}: {key} {row[key]} is not a label map (non-integer values)")
-            labels[key] = label_values(whole).tolist()  # over the whole mask: what synthesis may be given
+        image, masks = read_row(row, self.condition_keys)
+        labels = {  # over the whole mask: what synthesis may be given
+            key: label_values(mask_labels(mask, f"{row['id']}: {key} {row[key]}")).tolist()
+            for key, mask in masks.items()
+        }
         prepared = prepare(image, masks, self.grid, train=False)
         out = {
             "id": row["id"],

@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from voldit import qc, storage
-from voldit.data.intensity import HU_MAX, HU_MIN, hu_to_unit
+from voldit.data.intensity import HU_MAX, HU_MIN, hu_counts, hu_edges, hu_to_unit
 from voldit.data.nifti import VolumeError, read_volume
 from voldit.errors import VolditError
-from voldit.synthesis import FINISHED
+from voldit.synthesis import read_outputs
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,9 @@ def load_items(source: str | Path) -> list[Item]:
     with an ``image`` column (and optionally ``mask``), or a folder of NIfTI files (recursively); each
     local or in object storage (``s3://``), whose volumes are then read from there."""
     source = str(source).rstrip("/")
-    manifest = storage.join(source, "manifest.csv")
-    if storage.exists(manifest):
-        frame = _read_csv(manifest)
-        frame = frame[frame["status"].isin(FINISHED)]  # every volume written, gate passed or not
-        key = next((c for c in ("mask", *frame.columns[1:]) if c in frame.columns), None)
+    if (synthesized := read_outputs(source)) is not None:
+        frame, keys = synthesized
+        key = "mask" if "mask" in keys else next(iter(keys), None)
         return [Item(r["id"], r["output"], r.get(key)) for r in frame.to_dict("records")]
     if source.endswith(".csv") and storage.exists(source):
         frame = _read_csv(source)
@@ -109,15 +107,6 @@ def _stem(path: str) -> str:
 
 def _read_csv(path: str) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(storage.read_bytes(path)), dtype=str, keep_default_na=False)
-
-
-def hu_edges(bin_width: float = HU_BIN) -> np.ndarray:
-    return np.arange(HU_MIN, HU_MAX + bin_width, bin_width)
-
-
-def hu_counts(volume: np.ndarray, bin_width: float = HU_BIN) -> np.ndarray:
-    """Voxels per HU bin over [HU_MIN, HU_MAX] (values outside are clipped in): (bins,)."""
-    return np.histogram(np.clip(volume, HU_MIN, HU_MAX), bins=hu_edges(bin_width))[0]
 
 
 def histogram_distances(p: np.ndarray, q: np.ndarray, bin_width: float = HU_BIN) -> dict[str, float]:
@@ -327,7 +316,7 @@ def measure(
         matrix[first, second] = matrix[second, first] = ms_ssim_pairs(on_grid, pairs)
     return MeasuredSet(
         list(ids),
-        np.stack([hu_counts(v) for v in volumes_hu]),
+        np.stack([hu_counts(v, HU_BIN) for v in volumes_hu]),
         _flat(on_grid),
         matrix,
         None if vq is None else vqgan_features(vq, on_grid),
@@ -504,7 +493,12 @@ def evaluate(
     }
     if vq is not None:
         results["vqgan_frechet_distance"] = {"value": scores["vqgan_frechet_distance"], "vqgan": str(vqgan)}
-    plots = {"edges": hu_edges(), "generated": gen_set.density(), "real": real_set.density(), "dice": []}
+    plots = {
+        "edges": hu_edges(HU_BIN),
+        "generated": gen_set.density(),
+        "real": real_set.density(),
+        "dice": [],
+    }
     conditional = [(i, v) for i, v in zip(gen_items, gen, strict=True) if i.mask]
     real_pairs = [(v, _read(i, "mask")) for i, v in zip(real_items, ref, strict=True) if i.mask]
     if conditional and real_pairs:

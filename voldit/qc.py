@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from voldit.data.intensity import HU_MAX, HU_MIN
+from voldit.data.intensity import HU_MAX, HU_MIN, hu_bins, hu_edges
 
 BIN_HU = 10  # histogram bin width: finer than any threshold a user would set on tissue HU
-EDGES = np.arange(HU_MIN, HU_MAX + BIN_HU, BIN_HU)  # 201 edges, 200 bins over the window
+EDGES = hu_edges(BIN_HU)  # 201 edges, 200 bins over the window
 BINS = len(EDGES) - 1
 
 
@@ -66,7 +66,7 @@ def _histograms(hu: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
         raise ValueError(f"image {np.shape(hu)} and labels {np.shape(labels)} differ in shape")
     hu = np.clip(np.asarray(hu, np.float32), HU_MIN, HU_MAX).ravel()  # the window the model generates in
     values, index = _label_index(labels)
-    bins = np.clip(((hu - HU_MIN) // BIN_HU).astype(np.int64), 0, BINS - 1)
+    bins = hu_bins(hu, BIN_HU)
     histograms = np.bincount(index * BINS + bins, minlength=len(values) * BINS).reshape(len(values), BINS)
     return hu, values, index, histograms
 

@@ -8,7 +8,6 @@ No Ray here: `voldit sample` runs it in-process and `voldit synthesize` runs it 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -28,10 +27,10 @@ from voldit.diffusion.graphs import GraphedDenoiser
 from voldit.diffusion.samplers import SAMPLERS, classifier_free, sample
 from voldit.encode import default_device
 from voldit.models.decoding import DEFAULT_HALO, decode, decode_tiled
+from voldit.precision import PRECISIONS, autocast
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "bf16", "fp16", "no")
 DECODE_MODES = ("auto", "direct", "tiled")
 
 
@@ -150,12 +149,7 @@ class Pipeline:
         }
 
     def autocast(self):
-        mode = self.settings.precision
-        if mode == "auto":
-            mode = "bf16" if self.device.type == "cuda" else "no"
-        if mode == "no":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+        return autocast(self.settings.precision, self.device)
 
     @torch.no_grad()
     def sample_latents(

@@ -194,6 +194,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("VOLDIT_CACHE", Path.home() / ".cache" / "voldit"))
 
 
+def staging_dir(kind: str, url: str) -> Path:
+    """This node's local folder for ``url`` (a remote folder): where a job of ``kind`` ("runs",
+    "synthesize", "remote", ...) writes or caches files before they are uploaded or after download."""
+    return cache_root() / kind / hashlib.sha256(str(url).rstrip("/").encode()).hexdigest()[:16]
+
+
 def localize_dir(path: str | os.PathLike, attempts: int = 3) -> Path:
     """A local copy of a directory: the path itself when local; for a URL, a cached download, made again
     when the remote MARKER changes.
@@ -206,7 +212,7 @@ def localize_dir(path: str | os.PathLike, attempts: int = 3) -> Path:
     if not is_remote(path):
         return Path(path)
     url = str(path).rstrip("/")
-    root = cache_root() / "remote" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    root = staging_dir("remote", url)
     remote_marker = _read_now(join(url, MARKER))
     if remote_marker is None:
         return root / "missing"  # a path that does not exist: the caller reports it
@@ -306,3 +312,10 @@ def check(url: str | os.PathLike, what: str = "storage") -> None:
 def _reason(error: Exception) -> str:
     text = str(error)
     return text if len(text) < 200 else text[:200] + "..."
+
+
+def arrow_filesystem(fs):
+    """An fsspec filesystem as pyarrow's, so Ray Data reads with the same endpoint and credentials."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))

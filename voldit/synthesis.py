@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import gzip
 import hashlib
+import io
 import json
 import logging
 import re
@@ -39,9 +40,9 @@ from voldit.data.labels import apply_label_map
 from voldit.data.manifest import read_manifest
 from voldit.data.nifti import (
     VolumeError,
-    as_labels,
     check_same_grid,
     label_values,
+    mask_labels,
     read_volume,
     write_volume,
 )
@@ -97,8 +98,7 @@ class Layout:
         if not storage.is_remote(output):
             return cls(Path(output).resolve())
         remote = str(output).rstrip("/")
-        staging = storage.cache_root() / "synthesize" / hashlib.sha256(remote.encode()).hexdigest()[:16]
-        return cls(staging, remote)
+        return cls(storage.staging_dir("synthesize", remote), remote)
 
     def url(self, path: Path) -> str:
         """Where a file under ``root`` lives in the output (its URL for a remote output)."""
@@ -125,6 +125,15 @@ class Layout:
 
     def record(self, name: str) -> Path:
         return self.root / "records" / f"{name}.json"
+
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    def run_info(self) -> Path:
+        return self.root / RUN_INFO
+
+    def contact_sheet(self) -> Path:
+        return self.root / CONTACT_SHEET
 
     def finished(self, rows: list[dict]) -> dict[str, dict]:
         """The rows among ``rows`` (dicts with a ``name``) whose ok record is already in the remote output, by
@@ -238,6 +247,30 @@ def read_record(layout: Layout, name: str) -> dict | None:
         return None
 
 
+def read_run_info(layout: Layout) -> dict | None:
+    """The checkpoints and settings an output folder's volumes were made with (its remote copy first),
+    or None when nothing was made there yet."""
+    path = layout.run_info()
+    remote = layout.url(path) if layout.remote else None
+    if remote and storage.exists(remote):
+        return json.loads(storage.read_text(remote))
+    if path.is_file():
+        return json.loads(path.read_text())
+    return None
+
+
+def read_outputs(output: str | Path) -> tuple[pd.DataFrame, list[str]] | None:
+    """A synthesis output folder's (local or s3://) rows that have a volume (ok or failed the quality
+    gate), from its manifest, and its condition keys; None when ``output`` has no manifest."""
+    layout = Layout.of(output)
+    url = layout.url(layout.manifest())
+    if not storage.exists(url):
+        return None
+    frame = pd.read_csv(io.BytesIO(storage.read_bytes(url)), dtype=str, keep_default_na=False)
+    keys = frame.columns[1 : frame.columns.get_loc("output")].tolist()  # `manifest_frame`'s column order
+    return frame[frame["status"].isin(FINISHED)], keys
+
+
 def is_complete(layout: Layout, record: dict | None) -> bool:
     """A row of a local output is done when its record says ok and its volume is there with the
     recorded shape."""
@@ -335,10 +368,7 @@ class Synthesizer:
         for key in self.pipeline.condition_keys:
             path = row[key]
             mask = read_volume(path, dtype=None)  # as stored: label maps are small integers, counted fast
-            labels = as_labels(mask.array)
-            if labels is None:
-                raise VolumeError(f"{key} {path}: not a label map (non-integer values)")
-            mask.array = apply_label_map(labels, self.label_map)
+            mask.array = apply_label_map(mask_labels(mask, f"{key} {path}"), self.label_map)
             values = label_values(mask.array)
             if not values.any():
                 raise VolumeError(f"{key} {path}: the mask is empty (no labelled voxel)")

@@ -41,3 +41,31 @@ def unit_to_hu_int16(x: Array) -> np.ndarray:
     if isinstance(hu, torch.Tensor):  # torch rounds half to even like np.rint, on all cores (or the GPU)
         return hu.round_().to(torch.int16).cpu().numpy()
     return np.rint(hu).astype(np.int16)
+
+
+def _bin_count(bin_width: float) -> int:
+    """Bins of ``bin_width`` HU over the window; the width must divide the window and HU_MIN, so that
+    every edge is a whole multiple of it (which `hu_bins` relies on)."""
+    if (HU_MAX - HU_MIN) % bin_width or HU_MIN % bin_width:
+        raise ValueError(f"a bin width of {bin_width} HU does not divide the window [{HU_MIN}, {HU_MAX}]")
+    return round((HU_MAX - HU_MIN) / bin_width)
+
+
+def hu_edges(bin_width: float) -> np.ndarray:
+    """Histogram edges over the window, HU_MIN to HU_MAX every ``bin_width`` HU: (bins + 1,)."""
+    return HU_MIN + bin_width * np.arange(_bin_count(bin_width) + 1)
+
+
+def hu_bins(hu: np.ndarray, bin_width: float) -> np.ndarray:
+    """Each voxel's bin among ``hu_edges(bin_width)``, as np.histogram places it, with values outside the
+    window in the end bins: flat int64."""
+    # floor(hu / w) is exact in floating point where floor((hu - HU_MIN) / w) rounds near the edges.
+    index = np.floor_divide(np.asarray(hu).ravel(), bin_width).astype(np.int64)
+    index -= int(HU_MIN // bin_width)
+    return np.clip(index, 0, _bin_count(bin_width) - 1, out=index)
+
+
+def hu_counts(hu: np.ndarray, bin_width: float) -> np.ndarray:
+    """Voxels per bin of ``hu_edges(bin_width)``, values outside the window counted in the end bins:
+    (bins,) int64."""
+    return np.bincount(hu_bins(hu, bin_width), minlength=_bin_count(bin_width))

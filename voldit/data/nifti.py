@@ -131,6 +131,15 @@ def as_labels(array: np.ndarray) -> np.ndarray | None:
     return labels.astype(np.int32)
 
 
+def mask_labels(mask: Volume, name: str) -> np.ndarray:
+    """A mask's voxels as integer labels (`as_labels`); VolumeError naming ``name`` (its key and file)
+    when one is not a whole number, since a label map was expected."""
+    labels = as_labels(mask.array)
+    if labels is None:
+        raise VolumeError(f"{name}: not a label map (non-integer values)")
+    return labels
+
+
 def check_same_grid(image: Volume, mask: Volume, name: str, atol: float = 1e-3) -> None:
     """A mask must share its image's voxel grid: the same shape and (to atol mm) the same affine."""
     if image.array.shape != mask.array.shape:

@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import ray
 from tqdm.auto import tqdm
 
-from voldit import storage
-from voldit.checkpoint import load_checkpoint
-from voldit.data.latents import LatentDatasetInfo, committed_ids, remove_stale_temporaries, summarise
-from voldit.data.manifest import read_manifest
-from voldit.data.preprocess import Grid
 from voldit.distributed.runtime import ensure_ray, require_gpus, require_shared_storage
-from voldit.encode import Encoder
+from voldit.encode import EncodePlan, Encoder, EncodeSummary, finish, plan
 
-log = logging.getLogger(__name__)
-
-ERRORS_FILE = "errors.csv"
-
-
-@dataclass
-class EncodeSummary:
-    total: int
-    skipped: int
-    encoded: int
-    failed: list[dict] = field(default_factory=list)
-    info: LatentDatasetInfo | None = None
+__all__ = ["EncodeSummary", "encode"]
 
 
 def encode(
@@ -49,54 +30,25 @@ def encode(
     Rows travel as paths; each encoder actor loads the VQ-GAN once, reads its rows' files, and commits
     each batch as one parquet part. The scale factor is then computed over all parts.
     """
-    for url, what in ((csv, "manifest"), (output, "output"), (vqgan, "VQ-GAN checkpoint")):
-        storage.check(url, what)  # one clear error before any work: endpoint, credentials, bucket
-    output = storage.resolve(output)
-    vqgan = storage.resolve(vqgan)
-    vq = load_checkpoint(vqgan, stage="vqgan")  # fail before any work if the checkpoint is wrong
-    grid = Grid.of(vq.config)  # the VQ-GAN's roi_size, spacing and orientation
-    frame = read_manifest(csv, ["image", *condition_keys], check_files=False)
-    if removed := remove_stale_temporaries(output):
-        log.info("removed %d half-written part(s) from an interrupted run", removed)
-    done = committed_ids(output)
-    todo = frame[~frame["id"].isin(done)]
-    summary = EncodeSummary(total=len(frame), skipped=len(frame) - len(todo), encoded=0)
-    log.info("%d rows in %s: %d already encoded, %d to do", len(frame), csv, summary.skipped, len(todo))
-    if len(todo):
-        summary.failed = _run(
-            todo,
-            vqgan,
-            output,
-            condition_keys,
-            batch_size,
-            workers,
-            gpus_per_worker,
-            address,
-            progress,
-        )
-        summary.encoded = len(todo) - len(summary.failed)
-    errors = storage.join(output, ERRORS_FILE)
-    if summary.failed:
-        storage.write_text(errors, pd.DataFrame(summary.failed).to_csv(index=False))
-    elif storage.exists(errors):
-        storage.remove(errors)
-    if summary.encoded or summary.skipped:
-        summary.info = summarise(output, grid, condition_keys, vqgan)
-    return summary
+    run = plan(csv, vqgan, output, condition_keys)
+    failed = []
+    if len(run.todo):
+        failed = _run(run, batch_size, workers, gpus_per_worker, address, progress)
+    return finish(run, failed)
 
 
-def _run(todo, vqgan, output, condition_keys, batch_size, workers, gpus, address, progress):
+def _run(run: EncodePlan, batch_size, workers, gpus, address, progress) -> list[dict]:
     ensure_ray(address)
-    require_shared_storage({"--output": output})
+    require_shared_storage({"--output": run.output})
     require_gpus(gpus, 1)
-    records = todo[["id", "image", *condition_keys]].to_dict("records")
+    records = run.todo[["id", "image", *run.condition_keys]].to_dict("records")
     dataset = ray.data.from_items(records, override_num_blocks=max(1, min(len(records), 1000)))
     statuses = dataset.map_batches(
         Encoder,
         fn_constructor_kwargs=dict(
-            vqgan_checkpoint=vqgan,
-            output=output,
-            condition_keys=list(condition_keys),
+            vqgan_checkpoint=run.vqgan,
+            output=run.output,
+            condition_keys=run.condition_keys,
         ),
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)),

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
     ``address`` (or $RAY_ADDRESS, set inside `ray job submit`) joins that cluster; "auto" joins the one
     started on this machine; otherwise a fresh local Ray is started (never a stale one from /tmp/ray).
+    Unless voldit logs at DEBUG (-v), Ray's own INFO lines stay off the console (see ``quiet_ray_logs``).
     """
     global _local
     if ray.is_initialized():
@@ -41,13 +43,48 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS") or "local"
     _local = address == "local"
     kwargs = {"num_cpus": num_cpus} if address == "local" and num_cpus else {}
-    ray.init(address=address, log_to_driver=True, **kwargs)
-    logging.getLogger("ray.data").setLevel(
-        logging.WARNING
-    )  # per-stage INFO lines would drown the progress line
+    loud = verbose()
+    if not loud:
+        quiet_ray_logs()  # the driver's own Ray Data and Ray Train lines
+        kwargs["runtime_env"] = {"worker_process_setup_hook": f"{__name__}.quiet_ray_logs"}
+    ray.init(
+        address=address, log_to_driver=True, logging_level=logging.INFO if loud else logging.WARNING, **kwargs
+    )
+    logging.getLogger("ray.data").setLevel(logging.INFO if loud else logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows its own progress line
+    context.print_on_execution_start = loud  # each dataset's plan, from every process that runs one
     log.info("ray: %s", "local" if address == "local" else address)
+
+
+def verbose() -> bool:
+    """-v (voldit logging at DEBUG): show Ray's own INFO lines too."""
+    return logging.getLogger("voldit").isEnabledFor(logging.DEBUG)
+
+
+RAY_DATA_LOGGING = Path(__file__).with_name("ray_data_logging.yaml")
+
+
+class OwnProgressOnly(logging.Filter):
+    """Drops Ray Data's warning that its progress bars are off: voldit turns them off for its own line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Progress bars disabled")
+
+
+def quiet_ray_logs() -> None:
+    """Keep Ray's own INFO lines off the console; run in the driver and, as Ray's worker_process_setup_hook,
+    in every worker process. Ray Data still writes them to the session's ray-data.log (its logging config,
+    which it reloads for every dataset, is ours with the console at WARNING); Ray Train's notices of each
+    report and checkpoint, logged under their file's path, are dropped. Warnings always show."""
+    os.environ["RAY_DATA_LOGGING_CONFIG"] = str(RAY_DATA_LOGGING)
+    for handler in logging.getLogger("ray.data").handlers:  # configured before the variable was set
+        handler.addFilter(OwnProgressOnly())
+    # Ray Train's own default ingest options still set a field Ray Data deprecates: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated")
+    train = Path(ray.__file__).parent / "train" / "v2" / "_internal" / "execution"
+    for module in ("context.py", "storage.py"):
+        logging.getLogger(str(train / module)).setLevel(logging.WARNING)
 
 
 def wait_seconds() -> float:

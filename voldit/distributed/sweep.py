@@ -8,80 +8,29 @@ others resume their runs. When Tune ends a trial, the sweep frees what the trial
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
-import math
 import os
-import re
-from dataclasses import dataclass
 
-import pandas as pd
 import ray
-from omegaconf import OmegaConf
 from ray import tune
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 from ray.util.placement_group import remove_placement_group
 
 from voldit import storage as storage_lib
-from voldit.builders import describe
-from voldit.config import ConfigError, load_config
+from voldit.config import load_config
 from voldit.distributed.runtime import ensure_ray, require_gpus, require_shared_storage
-from voldit.models.dit import DIT_MODELS
+from voldit.training.sweeps import (
+    TRIAL_CPU,
+    SweepResult,
+    check_trials,
+    concurrent_trials,
+    plan,
+    summarise,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODELS = [f"VolDiT-{size}/{p}" for size in ("XS", "S", "B", "L") for p in (2, 4)]
-RESULTS_FILE = "results.csv"
-TRIALS_FILE = "trials.json"  # the trials a sweep was started with; a re-run must ask for the same
-TRIAL_CPU = 0.5  # a trial's driver only builds its TorchTrainer and waits on it
-WORKER_CPU = 1  # each train worker's CPU (voldit.distributed.train asks for one per worker)
-DATA_CPU = 1  # kept free for the Ray Data read tasks that feed every trial's workers
 LEDGER = "voldit-sweep-reservations"  # a named actor, one per sweep while it runs (see _Reservations)
-
-
-def model_name(text: str) -> str:
-    """'xs4', 'XS/4' or 'VolDiT-XS/4' -> 'VolDiT-XS/4'."""
-    match = re.fullmatch(r"(?:voldit-)?(xs|s|b|l)/?([24])", text.strip().lower())
-    if not match:
-        raise ConfigError(
-            f"unknown model {text!r}; use e.g. VolDiT-XS/4, S/2 or b4 ({', '.join(DIT_MODELS)})"
-        )
-    return f"VolDiT-{match.group(1).upper()}/{match.group(2)}"
-
-
-def parse_grid(items: list[str]) -> dict[str, list]:
-    """['optim.lr=1e-4,3e-4'] -> {'optim.lr': [1e-4, 3e-4]} (values parsed as YAML scalars)."""
-    grid = {}
-    for item in items:
-        key, _, values = item.partition("=")
-        if not key or not values:
-            raise ConfigError(f"--grid {item!r}: expected section.key=value1,value2,...")
-        grid[key.strip()] = [_scalar(v.strip()) for v in values.split(",")]
-    return grid
-
-
-def _scalar(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "null": None}.get(text.lower(), text)
-
-
-def _trial_name(model: str, overrides: dict) -> str:
-    parts = [model.removeprefix("VolDiT-").replace("/", "").lower()]
-    parts += [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()]
-    return re.sub(r"[^A-Za-z0-9._=-]", "_", "_".join(parts))
-
-
-@dataclass
-class SweepResult:
-    table: pd.DataFrame
-    best_trial: str | None
-    best_checkpoint: str | None
-    results_file: str
 
 
 def _trial(config: dict) -> None:
@@ -174,43 +123,6 @@ def _release(held: list) -> None:
             remove_placement_group(group)
 
 
-def concurrent_trials(free: dict, workers: int, gpus_per_worker: float = 0.0, asked: int = 0) -> int:
-    """How many trials fit at once in ``free`` resources (``ray.available_resources()``).
-
-    Each trial needs its driver's CPU share and its workers' CPUs (and GPUs), and one CPU stays free for
-    Ray Data; Tune itself counts only the drivers' share, and trial drivers holding every CPU while their
-    workers wait would never finish. ``asked`` (> 0) can only lower the result; it is at least 1.
-    """
-    fits = int((free.get("CPU", 0.0) - DATA_CPU) // (TRIAL_CPU + workers * WORKER_CPU))
-    if gpus_per_worker > 0:
-        fits = min(fits, int(free.get("GPU", 0.0) // (gpus_per_worker * workers)))
-    fits = max(fits, 1)
-    return min(fits, asked) if asked > 0 else fits
-
-
-def trial_configs(base: dict, models: list[str], grid: dict[str, list]) -> list[dict]:
-    """Every (model, grid point) as a resolved config dict with its trial name."""
-    trials = []
-    keys = list(grid)
-    for model in models:
-        preset = DIT_MODELS[model]
-        for values in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
-            overrides = dict(zip(keys, values, strict=True))
-            dotted = [f"dit.params.{k}={v}" for k, v in preset.items()]
-            dotted += [f"{k}={v}" for k, v in overrides.items()]
-            dotted.append("training.eval_freq=1")  # ASHA compares validation loss every epoch
-            cfg = load_config(base, overrides=dotted)
-            trials.append(
-                {
-                    "name": _trial_name(model, overrides),
-                    "model": model,
-                    "overrides": overrides,
-                    "config": OmegaConf.to_container(cfg, resolve=True),
-                }
-            )
-    return trials
-
-
 def sweep(
     base_config: dict,
     train_data: str,
@@ -231,26 +143,18 @@ def sweep(
     Re-running with the same ``name`` and ``storage`` restores the sweep (with the settings it started
     with): finished and ASHA-stopped trials keep their results, unfinished and failed ones resume.
     """
-    models = [model_name(m) for m in (models or DEFAULT_MODELS)]
-    trials = trial_configs(base_config, models, grid or {})
-    for url, what in ((storage, "storage"), (train_data, "training data"), (val_data, "validation data")):
-        storage_lib.check(url, what)
-    if not val_data:
-        raise ConfigError("a sweep ranks trials by validation loss: give --val")
+    trials = plan(base_config, train_data, val_data, models, grid, storage, workers)
     storage_path = storage_lib.resolve(storage)
     trial_storage = storage_lib.join(storage_path, name, "trials")
-    if workers < 1:
-        raise ConfigError("a sweep runs each trial's TorchTrainer with at least one worker (--workers 1)")
     # Locally: the trial's driver, its workers and Ray Data's read tasks each need a CPU.
     ensure_ray(address, num_cpus=max(os.cpu_count() or 1, workers + 3))
     require_shared_storage({"--storage": storage})
     require_gpus(gpus_per_worker, workers)
-    by_name = {t["name"]: t for t in trials}
     tune_storage = _tune_storage(storage_path)
     experiment = "/".join([tune_storage["storage_path"].rstrip("/"), name])
     filesystem = tune_storage.get("storage_filesystem")
     resume = tune.Tuner.can_restore(experiment, storage_filesystem=filesystem)
-    _check_trials(storage_lib.join(storage_path, name), trials, resume)
+    check_trials(storage_lib.join(storage_path, name), trials, resume)
     # The trial's driver needs little; its TorchTrainer asks for the workers' CPUs and GPUs itself.
     trainable = tune.with_resources(_trial, {"CPU": TRIAL_CPU})
     if resume:
@@ -286,48 +190,8 @@ def sweep(
             ),
         )
     grid_result = _fit(tuner)
-    rows = []
-    for result in grid_result:
-        trial_name = result.config["trial"]["name"]
-        trial = by_name[trial_name]
-        frame = result.metrics_dataframe
-        history = (
-            frame["val_loss"].dropna()
-            if frame is not None and "val_loss" in frame
-            else pd.Series([], dtype=float)
-        )
-        speed = (
-            frame["samples_per_s"].dropna()
-            if frame is not None and "samples_per_s" in frame
-            else pd.Series([], dtype=float)
-        )
-        info = describe(load_config(trial["config"]))
-        rows.append(
-            {
-                "trial": trial_name,
-                "model": trial["model"],
-                **{k: v for k, v in trial["overrides"].items()},
-                "parameters": info["trainable_parameters"],
-                "tokens": info["tokens"],
-                "epochs": int(frame["epoch"].max()) if frame is not None and "epoch" in frame else 0,
-                "best_val_loss": float(history.min()) if len(history) else math.nan,
-                "samples_per_s": float(speed.median()) if len(speed) else math.nan,
-                "tokens_per_s": float(speed.median() * info["tokens"]) if len(speed) else math.nan,
-                "error": str(result.error) if result.error else "",
-                "checkpoint": storage_lib.join(trial_storage, trial_name, "checkpoints", "best"),
-            }
-        )
-    table = pd.DataFrame(rows).sort_values("best_val_loss", na_position="last").reset_index(drop=True)
-    results_file = storage_lib.join(storage_path, name, RESULTS_FILE)
-    storage_lib.write_text(results_file, table.to_csv(index=False))
-    ok = table[table["error"] == ""].dropna(subset=["best_val_loss"])
-    best = ok.iloc[0] if len(ok) else None
-    return SweepResult(
-        table=table,
-        best_trial=None if best is None else best["trial"],
-        best_checkpoint=None if best is None else best["checkpoint"],
-        results_file=results_file,
-    )
+    frames = {r.config["trial"]["name"]: (r.metrics_dataframe, r.error) for r in grid_result}
+    return summarise(trials, frames, storage_lib.join(storage_path, name), trial_storage)
 
 
 def _tune_config(trials: list[dict], at_once: int, grace_period: int) -> tune.TuneConfig:
@@ -362,26 +226,11 @@ def _fit(tuner: tune.Tuner) -> tune.ResultGrid:
         ray.kill(ledger)
 
 
-def _check_trials(folder: str, trials: list[dict], resume: bool) -> None:
-    """A restored sweep runs the trials it started with: refuse a re-run that asks for others."""
-    path, text = storage_lib.join(folder, TRIALS_FILE), json.dumps(trials, sort_keys=True)
-    if not resume or not storage_lib.exists(path):
-        storage_lib.write_text(path, text)
-        return
-    before = json.loads(storage_lib.read_text(path))
-    if before != json.loads(text):
-        raise ConfigError(
-            f"the sweep in {folder} was started with other trials or settings "
-            f"({', '.join(sorted(t['name'] for t in before))}); re-run it with the same models, grid and "
-            "config to resume it, or give another --name"
-        )
-
-
 def _tune_storage(storage_path: str) -> dict:
     """Tune keeps its experiment state beside the trials, local or in the object store."""
     if not storage_lib.is_remote(storage_path):
         return {"storage_path": storage_path}
-    from voldit.distributed.data import arrow_filesystem
+    from voldit.storage import arrow_filesystem
 
     fs, inner = storage_lib.filesystem(storage_path)
     return {"storage_path": inner, "storage_filesystem": arrow_filesystem(fs)}

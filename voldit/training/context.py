@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -55,3 +56,27 @@ class RunContext:
         if self.world_size > 1 and dist.is_initialized():
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
+
+
+def validation_share(
+    rows: Iterable[dict], batch_size: int, rank: int, world_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Worker ``rank``'s share of the whole validation set, given as ``rows`` in the same order on every
+    worker: the rows whose position % world_size == rank, in batches of up to ``batch_size`` with their
+    positions as VAL_ROW. Every row is validated exactly once, whatever the number of workers (Ray's
+    equal split would drop the remainder)."""
+    mine: list[tuple[int, dict]] = []
+    for position, row in enumerate(rows):
+        if position % world_size == rank:
+            mine.append((position, row))
+        if len(mine) == batch_size:
+            yield _collate(mine)
+            mine = []
+    if mine:
+        yield _collate(mine)
+
+
+def _collate(rows: list[tuple[int, dict]]) -> dict[str, torch.Tensor]:
+    batch = {key: torch.from_numpy(np.stack([row[key] for _, row in rows])) for key in rows[0][1]}
+    batch[VAL_ROW] = torch.tensor([position for position, _ in rows], dtype=torch.int64)
+    return batch

@@ -62,8 +62,7 @@ def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
     writer = _Writer(ctx)
     checkpoint_freq = t.checkpoint_freq or t.eval_freq
     metrics: dict = {"epoch": epoch, "step": step}
-    start_step, start_time = step, time.perf_counter()
-    steps_per_epoch = None
+    progress = _Progress(ctx, writer, stage, cfg, start_step=step)
     try:
         while epoch < t.n_epochs and not (t.max_steps and step >= t.max_steps):
             stage.train_mode()
@@ -82,20 +81,7 @@ def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
                 window.append((float(loss), float(out["samples"]) * ctx.world_size))
                 epoch_samples += window[-1][1]
                 if step % t.log_every_n_steps == 0:
-                    _log_progress(
-                        ctx,
-                        writer,
-                        stage,
-                        out,
-                        window,
-                        window_start,
-                        epoch,
-                        step,
-                        steps_per_epoch,
-                        start_step,
-                        start_time,
-                        cfg,
-                    )
+                    progress.log(out, window, window_start, epoch, step)
                     window, window_start = [], time.perf_counter()
                 if t.max_steps and step >= t.max_steps:
                     stopped = True  # mid-epoch: the checkpoint records where in the epoch
@@ -115,7 +101,7 @@ def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
                     f"workers x batch size ({ctx.world_size} x {t.batch_size}) or is empty"
                 )
             if not stopped:
-                steps_per_epoch = steps_per_epoch or epoch_steps
+                progress.steps_per_epoch = progress.steps_per_epoch or epoch_steps
                 stage.end_epoch()
                 epoch += 1
             last = stopped or epoch >= t.n_epochs or bool(t.max_steps and step >= t.max_steps)
@@ -137,13 +123,8 @@ def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
                 metrics["val_loss"] = float(total / count)
                 metrics["val_samples"] = int(count)  # every row once, whatever the number of workers
                 writer.scalars("val", {"loss": metrics["val_loss"]}, step)
-                if ctx.is_main:
-                    log.info(
-                        "epoch %d: validation loss %.6f over %d samples",
-                        epoch,
-                        metrics["val_loss"],
-                        int(count),
-                    )
+            if "val_loss" in metrics or last:
+                progress.epoch_done(metrics)
             improved = metrics.get("val_loss", math.inf) < best
             best = min(best, metrics.get("val_loss", math.inf))
             metrics["best_val_loss"] = _finite(best)
@@ -163,31 +144,59 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _log_progress(
-    ctx, writer, stage, out, window, window_start, epoch, step, steps_per_epoch, start_step, start_time, cfg
-) -> None:
-    seconds = time.perf_counter() - window_start
-    samples = sum(n for _, n in window)
-    values = {
-        "loss": sum(v for v, _ in window) / len(window),
-        "lr": stage.lr,
-        "samples_per_s": samples / seconds,
-    }
-    if stage.tokens:
-        values["tokens_per_s"] = values["samples_per_s"] * stage.tokens
-    values.update({k: float(v) for k, v in out.items() if k not in ("loss", "samples")})
-    writer.scalars("train", values, step)
-    if ctx.is_main:
-        t = cfg.training
-        total = t.max_steps or (steps_per_epoch * t.n_epochs if steps_per_epoch else None)
-        rate = (step - start_step) / max(time.perf_counter() - start_time, 1e-9)
+class _Progress:
+    """Every ``log_every_n_steps``: the window's mean loss and speed to TensorBoard, and on rank 0 one
+    line with the step, loss, speed and the time left."""
+
+    def __init__(self, ctx: RunContext, writer: _Writer, stage, cfg: DictConfig, start_step: int) -> None:
+        self.ctx, self.writer, self.stage, self.training = ctx, writer, stage, cfg.training
+        self.start_step, self.start_time = start_step, time.perf_counter()
+        self.steps_per_epoch: int | None = None  # known once an epoch has run
+
+    def log(
+        self, out: dict, window: list[tuple[float, float]], window_start: float, epoch: int, step: int
+    ) -> None:
+        seconds = time.perf_counter() - window_start
+        values = {
+            "loss": sum(v for v, _ in window) / len(window),
+            "lr": self.stage.lr,
+            "samples_per_s": sum(n for _, n in window) / seconds,
+        }
+        if self.stage.tokens:
+            values["tokens_per_s"] = values["samples_per_s"] * self.stage.tokens
+        values.update({k: float(v) for k, v in out.items() if k not in ("loss", "samples")})
+        self.writer.scalars("train", values, step)
+        if not self.ctx.is_main:
+            return
+        t = self.training
+        total = t.max_steps or (self.steps_per_epoch * t.n_epochs if self.steps_per_epoch else None)
+        rate = (step - self.start_step) / max(time.perf_counter() - self.start_time, 1e-9)
         eta = _fmt_eta((total - step) / rate) if total and rate > 0 else "?"
-        print(
-            f"[{stage.stage}] epoch {epoch + 1}/{t.n_epochs} step {step}"
-            f"{f'/{total}' if total else ''} loss {values['loss']:.5f} lr {values['lr']:.3g} "
-            f"{values['samples_per_s']:.2f} samples/s ETA {eta}",
-            flush=True,
+        log.info(
+            "[%s] epoch %d/%d step %d%s loss %.5f lr %.3g %.2f samples/s ETA %s",
+            self.stage.stage,
+            epoch + 1,
+            t.n_epochs,
+            step,
+            f"/{total}" if total else "",
+            values["loss"],
+            values["lr"],
+            values["samples_per_s"],
+            eta,
         )
+
+    def epoch_done(self, metrics: dict) -> None:
+        """Rank 0: one line after a validation and at the end (the epoch, or max_steps mid-epoch)."""
+        if not self.ctx.is_main:
+            return
+        if "epoch_step" in metrics:
+            head = f"stopped at max_steps, step {metrics['step']}"
+        else:
+            head = f"epoch {metrics['epoch']}/{self.training.n_epochs} done at step {metrics['step']}"
+        val = ""
+        if "val_loss" in metrics:
+            val = f", validation loss {metrics['val_loss']:.6f} over {metrics['val_samples']} samples"
+        log.info("[%s] %s: %.2f samples/s%s", self.stage.stage, head, metrics["samples_per_s"], val)
 
 
 def _report(stage, ctx: RunContext, cfg, metrics: dict, save: bool, aliases: list[str]) -> None:

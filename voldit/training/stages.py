@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from voldit import precision
 from voldit.builders import (
     build_dit,
     build_schedule,
@@ -50,13 +51,12 @@ class _Precision:
     """Autocast and (for fp16) loss scaling on GPU; plain fp32 on CPU."""
 
     def __init__(self, mode: str, device: torch.device) -> None:
-        self.enabled = device.type == "cuda" and mode != "no"
-        self.dtype = torch.float16 if mode == "fp16" else torch.bfloat16
-        self.device_type = device.type
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled and mode == "fp16")
+        self.mode = mode if device.type == "cuda" else "no"
+        self.device = device
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.mode == "fp16")
 
     def autocast(self):
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+        return precision.autocast(self.mode, self.device)
 
     def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params, clip: float) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -67,18 +67,19 @@ class _Precision:
         self.scaler.update()
 
 
-def rng_state(generator: torch.Generator) -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "generator": generator.get_state(),
-    }
+def training_state(items: dict, generator: torch.Generator) -> dict:
+    """The checkpoint's training state: each item's state dict by name (optimisers, schedules, scalers), and
+    the random number generators, so a resumed run draws what the uninterrupted one would have."""
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "generator": generator.get_state()}
+    return {**{name: item.state_dict() for name, item in items.items()}, "rng": rng}
 
 
-def set_rng_state(state: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(tuple(state["numpy"]))
-    generator.set_state(state["generator"])
+def restore_training_state(state: dict, items: dict, generator: torch.Generator) -> None:
+    for name, item in items.items():
+        item.load_state_dict(state[name])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(tuple(state["rng"]["numpy"]))
+    generator.set_state(state["rng"]["generator"])
 
 
 class DiffusionStage:
@@ -218,12 +219,7 @@ class DiffusionStage:
             "stage": self.stage,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "training_state": {
-                "optimizer": self.optimizer.state_dict(),
-                "lr_schedule": self.lr_schedule.state_dict(),
-                "scaler": self.precision.scaler.state_dict(),
-                "rng": rng_state(self.generator),
-            },
+            "training_state": training_state(self._resumable(), self.generator),
             "meta": {
                 "scale_factor": self.scale_factor,
                 "latent_shape": list(self.expected),
@@ -236,11 +232,11 @@ class DiffusionStage:
         self.model.load_state_dict(ckpt.weights("model"), strict=True)
         if self.ema is not None and ckpt.has("ema"):
             self.ema.load_state_dict(ckpt.weights("ema"))
-        state = ckpt.training_state()
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.precision.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"], self.generator)
+        restore_training_state(ckpt.training_state(), self._resumable(), self.generator)
+
+    def _resumable(self) -> dict:
+        """What a resume restores besides the weights, by its name in the checkpoint's training state."""
+        return {"optimizer": self.optimizer, "lr_schedule": self.lr_schedule, "scaler": self.precision.scaler}
 
 
 class VQGANStage:
@@ -335,15 +331,7 @@ class VQGANStage:
             "model": self.model.state_dict(),
             "ema": None,
             "networks": {"discriminator": self.discriminator.state_dict()},
-            "training_state": {
-                "opt_g": self.opt_g.state_dict(),
-                "opt_d": self.opt_d.state_dict(),
-                "lr_g": self.lr_g.state_dict(),
-                "lr_d": self.lr_d.state_dict(),
-                "scaler_g": self.precision.scaler.state_dict(),
-                "scaler_d": self.precision_d.scaler.state_dict(),
-                "rng": rng_state(self.generator),
-            },
+            "training_state": training_state(self._resumable(), self.generator),
             "meta": {"latent_shape": latent_shape(self.cfg)},
         }
 
@@ -351,11 +339,15 @@ class VQGANStage:
         self.model.load_state_dict(ckpt.weights("model"), strict=True)
         self.codebook_ready = True
         self.discriminator.load_state_dict(ckpt.weights("discriminator"), strict=True)
-        state = ckpt.training_state()
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
-        self.lr_g.load_state_dict(state["lr_g"])
-        self.lr_d.load_state_dict(state["lr_d"])
-        self.precision.scaler.load_state_dict(state["scaler_g"])
-        self.precision_d.scaler.load_state_dict(state["scaler_d"])
-        set_rng_state(state["rng"], self.generator)
+        restore_training_state(ckpt.training_state(), self._resumable(), self.generator)
+
+    def _resumable(self) -> dict:
+        """What a resume restores besides the weights, by its name in the checkpoint's training state."""
+        return {
+            "opt_g": self.opt_g,
+            "opt_d": self.opt_d,
+            "lr_g": self.lr_g,
+            "lr_d": self.lr_d,
+            "scaler_g": self.precision.scaler,
+            "scaler_d": self.precision_d.scaler,
+        }
