@@ -67,11 +67,36 @@ def emit(rows: list[dict], meta: dict, columns: list[str], path: str | None, as_
             json.dump(doc, f, indent=2)
 
 
-def emit_speedups(rows: list[dict], key: str, device, columns: list[str], path: str | None) -> None:
-    """``emit`` with a ``speedup`` column: each row's ``key`` over the first row's (the baseline)."""
+def emit_speedups(
+    rows: list[dict],
+    key: str,
+    device,
+    columns: list[str],
+    path: str | None,
+    baseline: str = "baseline",
+    same: tuple[str, ...] = (),
+    meta: dict | None = None,
+) -> None:
+    """``emit`` with a ``speedup`` column, each row's ``key`` over a baseline row's (``path`` == baseline,
+    equal in the ``same`` fields), and a ``compared_with`` column naming that row. The baseline at the
+    row's batch is used where the run has one; otherwise the baseline's own batch, which the label says
+    ("baseline batch 1, this row batch 8"): such a ratio includes what batching buys."""
     for row in rows:
-        row["speedup"] = row[key] / rows[0][key]
-    emit(rows, header(device, " ".join(sys.argv)), [*columns, "speedup"], path)
+        bases = [
+            r
+            for r in rows
+            if r["path"] == baseline and all(r.get(f) == row.get(f) for f in same) and key in r
+        ]
+        if not bases or key not in row:
+            continue
+        base = next((r for r in bases if r["batch"] == row["batch"]), bases[0])
+        row["speedup"] = row[key] / base[key]
+        label = f"{baseline} batch {base['batch']}"
+        if base["batch"] != row["batch"]:
+            label += f", this row batch {row['batch']}"
+        row["compared_with"] = label
+    doc = {**header(device, " ".join(sys.argv)), **(meta or {})}
+    emit(rows, doc, [*columns, "speedup", "compared_with"], path)
 
 
 def _cell(v) -> str:
