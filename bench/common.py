@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-# Dense bf16/fp16 tensor-core peak by the vendors' datasheets (FLOP/s), for model FLOPs utilisation;
-# the first name contained in the device's name wins (the PCIe and NVL H100s are slower than the SXM).
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
-
-
-def peak_flops(device: torch.device) -> float | None:
-    name = device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # voldit from this checkout
+from voldit.flops import device_name, peak_flops  # noqa: E402, F401  (the benchmarks' device facts)
 
 
 def sync(device: torch.device) -> None:

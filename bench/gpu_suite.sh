@@ -19,6 +19,10 @@ big=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | awk '{
 python3 bench/train_step.py --models VolDiT-L/4 --batch 8 "$big" \
   --modes baseline bf16_cudnn bf16_cudnn_compile_blocks bf16_cudnn_compile_blocks_aten_rng \
   bf16_cudnn_compile_blocks_nodrop --profile "$out/profile.txt" --out "$out/train_l4.json"
+# The platform's own loop (`fit`, its defaults: bf16, fused AdamW, compiled blocks) against the best
+# micro-benchmark mode at the same batch: the goal is a ratio >= 0.9.
+python3 bench/stage_step.py configs/transformer/dit_ds8_l4.yaml --batch 8 --steps 30 \
+  --against "$out/train_l4.json" --out "$out/stage_l4_b8.json"
 python3 bench/train_step.py --models VolDiT-B/4 VolDiT-S/4 VolDiT-XS/4 --modes baseline bf16_sdpa \
   --out "$out/train_p4.json"
 python3 bench/train_step.py --models VolDiT-L/2 VolDiT-B/2 VolDiT-S/2 VolDiT-XS/2 --modes baseline bf16_sdpa \

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, header, peak_flops, sync, timed  # noqa: E402
 
 from voldit.diffusion import NoiseSchedule, diffusion_loss  # noqa: E402
+from voldit.flops import training_flops  # noqa: E402
 from voldit.models.dit import DIT_MODELS, DiT3D, compile_blocks  # noqa: E402
 from voldit.models.ema import EMA  # noqa: E402
 
@@ -61,16 +62,11 @@ MODES = {
 }
 
 
-def forward_flops(name: str, input_size) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
+def sample_flops(name: str, input_size) -> int:
+    """Forward and backward FLOPs of one sample, counted as `voldit train` counts them for its MFU."""
     with torch.device("meta"):
         model = DiT3D(**DIT_MODELS[name], input_size=input_size)
-        x = torch.zeros(1, 8, *input_size)
-        t = torch.zeros(1, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, t)
-    return counter.get_total_flops()
+    return training_flops(model, (1, 8, *input_size), (1,))
 
 
 def run(
@@ -125,7 +121,7 @@ def run(
     if profile:
         _profile(step, device, f"{name} {mode} batch {batch}", profile)
     tokens = model.num_tokens
-    flops = 3 * forward_flops(name, input_size) * batch  # forward + backward (2x)
+    flops = sample_flops(name, input_size) * batch
     peak = peak_flops(device)
     return {
         "model": name,

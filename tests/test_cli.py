@@ -13,8 +13,17 @@ def test_info_reports_l4_parameters(capsys):
 
 
 def test_info_json_for_tgca_and_vqgan(capsys):
+    assert main(["info", "configs/transformer/dit_ds8_l4.yaml", "--json"]) == 0
+    dit = json.loads(capsys.readouterr().out)
+    # The MFU's numerator: a backward pass costs two forwards wherever every weight learns (all but the
+    # first layer's input gradient, which nothing needs).
+    assert 2.99 < dit["training_flops"] / dit["forward_flops"] < 3.0
     assert main(["info", "configs/transformer/dit_ds8_l4.yaml", "configs/tgca/tgca_ds8.yaml", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["trainable_parameters"] == 4_424_865
+    tgca = json.loads(capsys.readouterr().out)
+    assert tgca["trainable_parameters"] == 4_424_865
+    # The frozen VolDiT passes gradients back to the adapter but computes none for its own weights:
+    # backward costs about one forward for its linear layers (two for attention), not two (measured 2.41x).
+    assert dit["training_flops"] < tgca["training_flops"] < 2.5 * tgca["forward_flops"]
     assert main(["info", "configs/stage1/vqgan_ds8.yaml", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["total_parameters"] == 95_568_649 and info["latent_shape"] == [8, 64, 64, 32]

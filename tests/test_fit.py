@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import CONFIGS
+from voldit.builders import describe
 from voldit.checkpoint import load_checkpoint
 from voldit.config import load_config
 from voldit.data.latents import load_info, read_latents
@@ -17,6 +18,7 @@ from voldit.data.rows import VolumeLoader
 from voldit.training.context import RunContext, validation_share
 from voldit.training.loop import fit
 from voldit.training.plan import build_stage, plan
+from voldit.training.stages import DiffusionStage, compiles
 
 SHORT = ["training.n_epochs=2", "training.eval_freq=1", "training.log_every_n_steps=1000"]
 
@@ -122,3 +124,55 @@ def test_every_stage_fits_from_its_plan_without_ray(crops, crop_latents, tmp_pat
     meta = load_checkpoint(f"{tgca.job.run_dir}/checkpoints/latest", stage="tgca").meta
     assert meta["condition_labels"] == {"mask": info.labels["mask"]}
     assert meta["scale_factor"] == latest.meta["scale_factor"]  # the frozen VolDiT's
+
+
+def _stage(overrides=()):
+    cfg = load_config(CONFIGS / "tiny" / "dit.yaml", overrides=list(overrides))
+    ctx = RunContext(0, 1, torch.device("cpu"), None, lambda metrics: None, Path("."), has_validation=False)
+    return DiffusionStage(cfg, ctx, scale_factor=1.0), cfg
+
+
+def test_the_fast_defaults_train_as_the_plain_paths_do():
+    """Fused AdamW (the default) updates the weights as the for-each kernel does, and the blocks are
+    compiled by default only on a GPU (compiled blocks predict as eager ones: test_dit)."""
+    latents = torch.randn(6, 8, 8, 8, 4, generator=torch.Generator().manual_seed(0))
+    weights = {}
+    for fused in (True, False):
+        stage, cfg = _stage([f"optim.fused={fused}"])
+        assert stage.optimizer.defaults["fused"] is (True if fused else None)
+        for i in range(3):
+            stage.train_step({"latent": latents[2 * i : 2 * i + 2]}, epoch=0)
+        weights[fused] = [p.detach().clone() for p in stage.model.parameters()]
+    start = _stage()[0].model.parameters()
+    moved = max((a - b).abs().max().item() for a, b in zip(weights[True], start, strict=True))
+    assert moved > 1e-4  # the steps changed the weights...
+    for a, b in zip(weights[True], weights[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # ...the same way
+    cfg = load_config(CONFIGS / "tiny" / "dit.yaml")
+    assert cfg.optim.fused and cfg.training.compile is None
+    assert not compiles(cfg, torch.device("cpu")) and compiles(cfg, torch.device("cuda"))
+    off = load_config(CONFIGS / "tiny" / "dit.yaml", overrides=["training.compile=false"])
+    assert not compiles(off, torch.device("cuda"))
+
+
+def test_progress_lines_give_the_mfu_where_the_peak_is_known(crop_latents, tmp_path, caplog):
+    data = (str(crop_latents["train"]), str(crop_latents["val"]))
+    lines = {}
+    for peak in (None, 1e9):
+        extra = [f"training.peak_flops={peak}"] if peak else []
+        cfg = load_config(
+            CONFIGS / "tiny" / "dit.yaml",
+            overrides=[*SHORT, "training.n_epochs=1", "training.log_every_n_steps=1", *extra],
+        )
+        run = plan(cfg, "dit", *data, name=f"mfu{peak}", storage_url=str(tmp_path))
+        caplog.clear()
+        with caplog.at_level("INFO", logger="voldit"):
+            reports = _fit(run)
+        lines[peak] = [r.getMessage() for r in caplog.records if "samples/s" in r.getMessage()]
+        if peak:
+            flops = describe(load_config(run.job.config))["training_flops"]
+            assert reports[-1]["mfu"] == pytest.approx(reports[-1]["samples_per_s"] * flops / peak)
+        else:
+            assert "mfu" not in reports[-1]  # a CPU has no peak to compare with
+    assert lines[None] and not any("MFU" in line for line in lines[None])
+    assert lines[1e9] and all(", MFU " in line for line in lines[1e9])  # every step line and the epoch's

@@ -11,6 +11,7 @@ from torch import nn
 from voldit.checkpoint import Checkpoint, CheckpointError
 from voldit.config import dit_kwargs, section_dict, stage_of
 from voldit.diffusion.schedule import NoiseSchedule
+from voldit.flops import forward_flops, training_flops
 from voldit.models.dit import DiT3D
 from voldit.models.tgca import TGCA3D
 from voldit.models.vqgan import build_discriminator, build_vqvae, downsample_factor
@@ -68,24 +69,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def forward_flops(model: nn.Module, *inputs_shapes: tuple[int, ...], call=None) -> int:
-    """FLOPs of one forward pass, counted on the meta device (no memory, no compute)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = model.to("meta") if next(model.parameters()).device.type != "meta" else model
-    inputs = [torch.zeros(shape, device="meta") for shape in inputs_shapes]
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        (call or model)(*inputs)
-    return counter.get_total_flops()
-
-
 def tokens(cfg: DictConfig) -> int:
     p = cfg.dit.params
     return math.prod(s // p.patch_size for s in p.input_size)
 
 
 def describe(cfg) -> dict:
-    """Parameter counts, tokens and forward FLOPs of the model a config describes (built on meta)."""
+    """Parameter counts, tokens and FLOPs of the model a config describes (built on meta): forward, and for
+    VolDiT and TGCA forward and backward of one training sample."""
     stage = stage_of(cfg)
     info: dict = {"stage": stage}
     with torch.device("meta"):
@@ -111,9 +102,11 @@ def describe(cfg) -> dict:
         if stage == "dit":
             info["trainable_parameters"], info["total_parameters"] = count_parameters(base)
             info["forward_flops"] = forward_flops(base, x_shape, t_shape)
+            info["training_flops"] = training_flops(base, x_shape, t_shape)
         else:
             tgca = build_tgca(cfg, base)
             info["trainable_parameters"], info["total_parameters"] = count_parameters(tgca)
             cond_shape = (1, cfg.tgca.params.condition_channels, *cfg.training.roi_size)
             info["forward_flops"] = forward_flops(tgca, x_shape, t_shape, cond_shape)
+            info["training_flops"] = training_flops(tgca, x_shape, t_shape, cond_shape)
     return info

@@ -9,6 +9,7 @@ import time
 import torch
 from omegaconf import DictConfig
 
+from voldit import flops
 from voldit.checkpoint import load_checkpoint
 from voldit.training.context import RunContext, TrainingError
 
@@ -115,6 +116,8 @@ def fit(stage, ctx: RunContext, cfg: DictConfig) -> dict:
             }
             if stage.tokens:
                 metrics["tokens_per_s"] = metrics["samples_per_s"] * stage.tokens
+            if progress.flops:
+                metrics["mfu"] = progress.mfu(metrics["samples_per_s"])
             if ctx.has_validation and (epoch % t.eval_freq == 0 or last):
                 total, count = stage.validate(ctx.batches("val", t.batch_size, epoch, False))
                 total, count = ctx.all_reduce_sum(total), ctx.all_reduce_sum(count)
@@ -146,12 +149,24 @@ def _finite(value: float) -> float | None:
 
 class _Progress:
     """Every ``log_every_n_steps``: the window's mean loss and speed to TensorBoard, and on rank 0 one
-    line with the step, loss, speed and the time left."""
+    line with the step, loss, speed (and MFU where the device's peak is known) and the time left."""
 
     def __init__(self, ctx: RunContext, writer: _Writer, stage, cfg: DictConfig, start_step: int) -> None:
         self.ctx, self.writer, self.stage, self.training = ctx, writer, stage, cfg.training
         self.start_step, self.start_time = start_step, time.perf_counter()
         self.steps_per_epoch: int | None = None  # known once an epoch has run
+        # Every worker's device is taken to be like this one's (one kind of GPU per training run).
+        self.peak = cfg.training.peak_flops or flops.peak_flops(ctx.device)
+        self.flops = stage.training_flops() if self.peak else None
+
+    def mfu(self, samples_per_s: float) -> float:
+        """``samples_per_s`` summed over the workers, as the progress lines count them."""
+        return flops.mfu(samples_per_s, self.flops, self.peak, self.ctx.world_size)
+
+    def _speed(self, samples_per_s: float) -> str:
+        return f"{samples_per_s:.2f} samples/s" + (
+            f", MFU {self.mfu(samples_per_s):.1%}" if self.flops else ""
+        )
 
     def log(
         self, out: dict, window: list[tuple[float, float]], window_start: float, epoch: int, step: int
@@ -164,6 +179,8 @@ class _Progress:
         }
         if self.stage.tokens:
             values["tokens_per_s"] = values["samples_per_s"] * self.stage.tokens
+        if self.flops:
+            values["mfu"] = self.mfu(values["samples_per_s"])
         values.update({k: float(v) for k, v in out.items() if k not in ("loss", "samples")})
         self.writer.scalars("train", values, step)
         if not self.ctx.is_main:
@@ -173,7 +190,7 @@ class _Progress:
         rate = (step - self.start_step) / max(time.perf_counter() - self.start_time, 1e-9)
         eta = _fmt_eta((total - step) / rate) if total and rate > 0 else "?"
         log.info(
-            "[%s] epoch %d/%d step %d%s loss %.5f lr %.3g %.2f samples/s ETA %s",
+            "[%s] epoch %d/%d step %d%s loss %.5f lr %.3g %s ETA %s",
             self.stage.stage,
             epoch + 1,
             t.n_epochs,
@@ -181,7 +198,7 @@ class _Progress:
             f"/{total}" if total else "",
             values["loss"],
             values["lr"],
-            values["samples_per_s"],
+            self._speed(values["samples_per_s"]),
             eta,
         )
 
@@ -196,7 +213,7 @@ class _Progress:
         val = ""
         if "val_loss" in metrics:
             val = f", validation loss {metrics['val_loss']:.6f} over {metrics['val_samples']} samples"
-        log.info("[%s] %s: %.2f samples/s%s", self.stage.stage, head, metrics["samples_per_s"], val)
+        log.info("[%s] %s: %s%s", self.stage.stage, head, self._speed(metrics["samples_per_s"]), val)
 
 
 def _report(stage, ctx: RunContext, cfg, metrics: dict, save: bool, aliases: list[str]) -> None:

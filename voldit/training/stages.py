@@ -24,6 +24,7 @@ from voldit.builders import (
     build_tgca,
     build_vqgan,
     build_vqgan_discriminator,
+    describe,
     latent_shape,
 )
 from voldit.checkpoint import Checkpoint
@@ -42,9 +43,15 @@ def _wrap(model: nn.Module, ctx: RunContext) -> nn.Module:
     return DistributedDataParallel(model, device_ids=ids)
 
 
-def _adamw(params, lr: float, cfg: DictConfig, device: torch.device) -> torch.optim.AdamW:
-    fused = bool(cfg.optim.fused) and device.type == "cuda"
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.optim.weight_decay, fused=fused or None)
+def _adamw(params, lr: float, cfg: DictConfig) -> torch.optim.AdamW:
+    # Fused or for-each: the same update to float32 rounding (torch has fused kernels for CPU and GPU).
+    fused = True if cfg.optim.fused else None
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.optim.weight_decay, fused=fused)
+
+
+def compiles(cfg: DictConfig, device: torch.device) -> bool:
+    """``training.compile``, or where it is null whether the blocks train on a GPU."""
+    return device.type == "cuda" if cfg.training.compile is None else bool(cfg.training.compile)
 
 
 class _Precision:
@@ -113,11 +120,11 @@ class DiffusionStage:
             self.condition_keys = []
         self.model.to(ctx.device)
         self.encoder = encoder.to(ctx.device).eval().requires_grad_(False) if encoder is not None else None
-        if cfg.training.compile:
+        if compiles(cfg, ctx.device):
             compile_blocks(self.model)  # per block: seconds to compile, as fast as a whole-model graph
         self.net = _wrap(self.model, ctx)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = _adamw(self.params, cfg.optim.lr, cfg, ctx.device)
+        self.optimizer = _adamw(self.params, cfg.optim.lr, cfg)
         self.lr_schedule = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=cfg.optim.lr_gamma)
         self.ema = EMA(self.model, cfg.training.ema_decay) if cfg.training.use_ema else None
         self.precision = _Precision(cfg.training.mixed_precision, ctx.device)
@@ -209,6 +216,10 @@ class DiffusionStage:
     def end_epoch(self) -> None:
         self.lr_schedule.step()
 
+    def training_flops(self) -> int:
+        """Forward and backward FLOPs of one training sample (counted on meta, for the MFU)."""
+        return describe(self.cfg)["training_flops"]
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -246,6 +257,9 @@ class VQGANStage:
     stage = "vqgan"
     tokens = 0
 
+    def training_flops(self) -> None:
+        return None  # generator, discriminator and losses: no single model FLOP count to quote
+
     def __init__(self, cfg: DictConfig, ctx: RunContext) -> None:
         self.cfg, self.ctx = cfg, ctx
         torch.manual_seed(cfg.training.seed)
@@ -263,8 +277,8 @@ class VQGANStage:
             ctx.device
         )
         self.g_params = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt_g = _adamw(self.g_params, s1.base_lr, cfg, ctx.device)
-        self.opt_d = _adamw(self.discriminator.parameters(), s1.disc_lr, cfg, ctx.device)
+        self.opt_g = _adamw(self.g_params, s1.base_lr, cfg)
+        self.opt_d = _adamw(self.discriminator.parameters(), s1.disc_lr, cfg)
         self.lr_g = torch.optim.lr_scheduler.ExponentialLR(self.opt_g, gamma=cfg.optim.lr_gamma)
         self.lr_d = torch.optim.lr_scheduler.ExponentialLR(self.opt_d, gamma=cfg.optim.lr_gamma)
         self.precision = _Precision(cfg.training.mixed_precision, ctx.device)
