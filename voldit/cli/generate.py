@@ -98,7 +98,7 @@ def _sampling_flags(parser: argparse.ArgumentParser) -> None:
         dest="sampler",
         choices=SAMPLERS,
         default="ddpm",
-        help="ddpm (the paper's, 300 steps), ddim, or dpmpp (DPM-Solver++(2M), for 10-25 steps)",
+        help="ddpm (the paper's, 300 steps), ddim, or dpmpp (DPM-Solver++(2M))",
     )
     parser.add_argument("--steps", "--timesteps", dest="steps", type=int, default=300, help="denoising steps")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0: deterministic; ddim only)")
