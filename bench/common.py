@@ -12,7 +12,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # voldit from this checkout
+from voldit.errors import VolditError  # noqa: E402
 from voldit.flops import device_name, peak_flops  # noqa: E402, F401  (the benchmarks' device facts)
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a benchmark's main; a user error (bad path, checkpoint, CSV, config) ends in one line."""
+    try:
+        main()
+    except VolditError as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
 
 
 def sync(device: torch.device) -> None:

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, header  # noqa: E402
+from common import emit, header, run_main  # noqa: E402
 
 from voldit.data.nifti import read_volume  # noqa: E402
-from voldit.evaluation import SET_METRICS, evaluate  # noqa: E402
+from voldit.evaluation import SET_METRICS, evaluate, load_items  # noqa: E402
 from voldit.sampling import SamplingSettings, write_samples  # noqa: E402
 
 SCORES = SET_METRICS  # lower is better for each
@@ -66,10 +66,11 @@ def main() -> None:
     args = parser.parse_args()
     # The yardstick's sets first, then the ODE reference, before the runs measured against them.
     runs = list(dict.fromkeys([*DDPM, ODE, *args.runs]))
+    load_items(args.real)  # a missing or malformed real set is refused before any sampling
     rows, vqgan = [], _vqgan_of(args)
     with tempfile.TemporaryDirectory(prefix="sampler-steps-") as tmp:
         root = Path(args.keep or tmp)
-        folders = {}
+        folders, ode = {}, None  # ode: the 300-step DDIM volumes, read once
         for run in runs:
             sampler, steps, seed = parse(run)
             folders[run] = root / run.replace(":", "_")
@@ -95,8 +96,10 @@ def main() -> None:
                 "s_per_volume": seconds,
             }
             row.update({f"real_{k}": real["scores"][k] for k in SCORES})
-            if sampler in ("ddim", "dpmpp") and seed == SEED and run != ODE:
-                pairs = zip(volumes(folders[run]), volumes(folders[ODE]), strict=True)
+            if run == ODE:
+                ode = volumes(folders[ODE])
+            elif sampler in ("ddim", "dpmpp") and seed == SEED:
+                pairs = zip(volumes(folders[run]), ode, strict=True)
                 row["hu_rmse_vs_ddim300"] = float(np.sqrt(np.mean([np.mean((a - b) ** 2) for a, b in pairs])))
             rows.append(row)
             print(f"{run}: {seconds:.2f} s/volume", flush=True)
@@ -152,4 +155,4 @@ def _vqgan_of(args) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

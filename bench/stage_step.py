@@ -25,18 +25,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, header, peak_flops, sync  # noqa: E402
+from common import emit, header, peak_flops, run_main, sync  # noqa: E402
 
 from voldit.config import load_config  # noqa: E402
+from voldit.errors import VolditError  # noqa: E402
+from voldit.flops import mfu  # noqa: E402
 from voldit.models.dit import count_trainable  # noqa: E402
 from voldit.training.context import RunContext  # noqa: E402
 from voldit.training.loop import fit  # noqa: E402
-from voldit.training.stages import DiffusionStage  # noqa: E402
+from voldit.training.stages import DiffusionStage, compiles  # noqa: E402
 
 
 def best_micro(path: str, model: str, batch: int) -> dict | None:
     """The fastest non-baseline row of a train_step result at this model and batch."""
-    rows = json.loads(Path(path).read_text())["results"]
+    try:
+        rows = json.loads(Path(path).read_text())["results"]
+    except (OSError, ValueError, KeyError) as error:
+        raise VolditError(f"--against {path}: not a bench/train_step.py result ({error})") from None
     rows = [
         r
         for r in rows
@@ -101,6 +106,9 @@ def main() -> None:
     p = cfg.dit.params
     latents = torch.randn(args.batch, p.in_channels, *p.input_size)
     masks = (torch.rand(args.batch, 1, *args.roi) > 0.5).to(torch.int16) if args.tgca else None
+    model = model_of(cfg)
+    # Read before the run, so a wrong --against file is refused before minutes of training.
+    best = best_micro(args.against, model, args.batch) if args.against and not args.tgca else None
     requested: list[float] = []  # when the loop asked for each batch
 
     def batches(split, batch_size, epoch, shuffle):
@@ -123,32 +131,28 @@ def main() -> None:
         whole = time.perf_counter() - start
     steady = (requested[args.warmup + args.steps] - requested[args.warmup]) / args.steps
     samples_per_s = args.batch / steady
-    peak, flops = peak_flops(device), stage.training_flops()
-    model = model_of(cfg)
+    peak = peak_flops(device)
     row = {
         "config": " + ".join(Path(f).stem for f in files),
         "model": model,
         "stage": stage.stage,
         "batch": args.batch,
         "fused_adamw": bool(cfg.optim.fused),
-        "compiled_blocks": cfg.training.compile
-        if cfg.training.compile is not None
-        else device.type == "cuda",
+        "compiled_blocks": compiles(cfg, device),
         "precision": cfg.training.mixed_precision if device.type == "cuda" else "no (CPU)",
         "trainable_params": count_trainable(stage.model),
         "step_ms": 1000 * steady,
         "samples_per_s": samples_per_s,
-        "mfu": samples_per_s * flops / peak if peak else None,
+        "mfu": mfu(samples_per_s, stage.training_flops(), peak) if peak else None,
         "whole_fit_s": whole,
         "steps": total,
         "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
-    if args.against and stage.stage == "dit":  # train_step.py times VolDiT alone
-        best = best_micro(args.against, model, args.batch)
+    if args.against and not args.tgca:  # train_step.py times VolDiT alone
         row["micro_best_mode"] = best["mode"] if best else None
         row["vs_micro_best"] = samples_per_s / best["samples_per_s"] if best else None
     emit([row], header(device, " ".join(sys.argv)), list(row), args.out)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

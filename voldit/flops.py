@@ -32,32 +32,29 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def _on_meta(model: nn.Module) -> nn.Module:
-    return model.to("meta") if next(model.parameters()).device.type != "meta" else model
+def _count(model: nn.Module, inputs_shapes, call=None, backward: bool = False) -> int:
+    """FLOPs of one call of ``call`` (the model by default) on zero inputs of these shapes, on meta."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model.to("meta") if next(model.parameters()).device.type != "meta" else model
+    inputs = [torch.zeros(shape, device="meta") for shape in inputs_shapes]
+    with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(backward):
+        out = (call or model)(*inputs)
+        if backward:
+            out.sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def forward_flops(model: nn.Module, *inputs_shapes: tuple[int, ...], call=None) -> int:
     """FLOPs of one forward pass, counted on the meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = _on_meta(model)
-    inputs = [torch.zeros(shape, device="meta") for shape in inputs_shapes]
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        (call or model)(*inputs)
-    return counter.get_total_flops()
+    return _count(model, inputs_shapes, call)
 
 
 def training_flops(model: nn.Module, *inputs_shapes: tuple[int, ...]) -> int:
     """FLOPs of one forward and backward pass, counted on the meta device: about 3x the forward for a
     model trained whole, less where frozen weights need no gradient of their own (TGCA's VolDiT)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = _on_meta(model)
-    inputs = [torch.zeros(shape, device="meta") for shape in inputs_shapes]
-    with FlopCounterMode(display=False) as counter:
-        model(*inputs).sum().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+    return _count(model, inputs_shapes, backward=True)
 
 
 def mfu(samples_per_s: float, flops_per_sample: float, peak: float, world_size: int = 1) -> float:
