@@ -69,7 +69,12 @@ def test_bad_s3_settings_fail_before_any_work(s3, tmp_path):
     )
     nocreds = _voldit(anonymous, *args, f"s3://{BUCKET}/x", expect=2)
     assert "no S3 credentials" in nocreds.stderr
-    for result in (missing, wrong, nocreds):
+    # A checkpoint read from S3 (every verb's load_checkpoint) says the same, not a botocore traceback.
+    sample = _voldit(
+        anonymous, "sample", "--checkpoint", f"s3://{BUCKET}/ckpt", "--output", tmp_path / "o", expect=2
+    )
+    assert "s3://" in sample.stderr and "no S3 credentials" in sample.stderr
+    for result in (missing, wrong, nocreds, sample):
         assert env["AWS_SECRET_ACCESS_KEY"] not in result.stderr + result.stdout
         assert "Traceback" not in result.stderr
 

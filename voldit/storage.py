@@ -213,7 +213,11 @@ def localize_dir(path: str | os.PathLike, attempts: int = 3) -> Path:
         return Path(path)
     url = str(path).rstrip("/")
     root = staging_dir("remote", url)
-    remote_marker = _read_now(join(url, MARKER))
+    try:
+        remote_marker = _read_now(join(url, MARKER))
+    except Exception:
+        check(url, "folder")  # the first remote read: endpoint, credentials or bucket named in one line
+        raise
     if remote_marker is None:
         return root / "missing"  # a path that does not exist: the caller reports it
     local = root / _version(remote_marker)
